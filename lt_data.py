@@ -9,11 +9,17 @@ Data, long-tail profiles, Many/Medium/Few splits and evaluation; no training log
 Every dataset comes back as uint8 image tensors (C, H, W) plus integer labels, so both scripts
 augment and normalise batches on the device in the same way whatever the source.
 """
+import hashlib
 import json
 import math
 import os
+import pickle
 import random
+import shutil
+import sys
+import tarfile
 import tempfile
+import urllib.request
 from dataclasses import dataclass
 from typing import Optional
 
@@ -43,13 +49,16 @@ def lt_counts(n_max, num_classes, imb, profile="exp"):
     if profile == "exp":
         if num_classes == 1:
             return [int(n_max)]
-        # n_max / imb**e rather than the reference code's n_max * (1/imb)**e: the same counts on
-        # every published setting, and exact at the tail (98 * (1/49) is 1.999... in floating point).
-        return [max(1, int(math.floor(n_max / imb ** (i / (num_classes - 1.0)))))
+        # n_max / imb**e rather than the reference code's n_max * (1/imb)**e, and a relative
+        # 1e-12 added before the floor: the same counts on every published setting, and a count
+        # that is an integer in exact arithmetic is not lost to rounding (in floating point
+        # 98 * (1/49) is 1.999..., and 8 / 1.6 could come out just below 5).
+        return [max(1, int(math.floor(n_max / imb ** (i / (num_classes - 1.0)) * (1 + 1e-12))))
                 for i in range(num_classes)]
     if profile == "step":
         head = num_classes // 2
-        return [int(n_max)] * head + [max(1, int(n_max // imb))] * (num_classes - head)
+        tail = max(1, int(math.floor(n_max / imb * (1 + 1e-12))))
+        return [int(n_max)] * head + [tail] * (num_classes - head)
     raise BadInput(f"unknown long-tail profile {profile!r}; use 'exp' or 'step'")
 
 
@@ -109,16 +118,19 @@ class ImageList(Dataset):
 
     def __getitem__(self, i):
         from PIL import Image
-        import torchvision.transforms.functional as TF
         path = os.path.join(self.root, self.paths[i])
         try:
             with Image.open(path) as im:
                 im = im.convert("RGB")
         except (OSError, ValueError) as e:
             raise BadInput(f"cannot read image {path}: {e}") from None
-        s = self.image_size
-        im = TF.center_crop(TF.resize(im, round(s * 256 / 224)), s)  # the usual 256 -> 224 ratio
-        return TF.pil_to_tensor(im), self.labels[i]
+        s, short = self.image_size, round(self.image_size * 256 / 224)  # the usual 256 -> 224
+        scale = short / min(im.size)
+        w, h = max(short, round(im.width * scale)), max(short, round(im.height * scale))
+        im = im.resize((w, h), Image.BILINEAR)
+        left, top = (w - s) // 2, (h - s) // 2
+        im = im.crop((left, top, left + s, top + s))
+        return torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous(), self.labels[i]
 
 
 @dataclass
@@ -167,32 +179,86 @@ def load_dataset(name, root="./data", imb=100, seed=0, download=False, profile="
     return _load_cifar(name, root, imb, seed, download, profile, n_max)
 
 
+# The official python-version archives (https://www.cs.toronto.edu/~kriz/cifar.html): where each
+# comes from, its md5, the folder it unpacks to, its train / test pickles and their label key.
+CIFAR = {
+    "cifar10": dict(url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                    md5="c58f30108f718f92721af3b95e74349a", folder="cifar-10-batches-py",
+                    train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"],
+                    key="labels", num_classes=10, n_max=5000),
+    "cifar100": dict(url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                     md5="eb9058c3a382ffc7106e4002c42a8d85", folder="cifar-100-python",
+                     train=["train"], test=["test"], key="fine_labels", num_classes=100,
+                     n_max=500),
+}
+
+
+def _download_cifar(spec, root):
+    """Fetch the official archive, check its md5 and unpack it into root (standard library only).
+    The archive is written under a temporary name and renamed once complete."""
+    os.makedirs(root, exist_ok=True)
+    archive = os.path.join(root, os.path.basename(spec["url"]))
+    if not os.path.isfile(archive):
+        print(f"downloading {spec['url']} to {archive}", file=sys.stderr, flush=True)
+        try:
+            with urllib.request.urlopen(spec["url"]) as r:
+                atomic_write(archive, lambda f: shutil.copyfileobj(r, f))
+        except OSError as e:
+            raise BadInput(f"could not download {spec['url']} into {root}: {e}") from None
+    md5 = hashlib.md5()
+    with open(archive, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            md5.update(block)
+    if md5.hexdigest() != spec["md5"]:
+        raise BadInput(f"{archive} has md5 {md5.hexdigest()}, the official archive has "
+                       f"{spec['md5']}; delete it and rerun with --download")
+    with tarfile.open(archive) as tar:  # the "data" filter refuses paths outside root
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(root, filter="data")
+        else:
+            tar.extractall(root)
+
+
+def _read_cifar_split(folder, files, key, num_classes):
+    """Images (N, 3, 32, 32) uint8 and labels (N,) from the pickled batches: each row of "data" is
+    the 1024 red, then 1024 green, then 1024 blue values of one image, row-major."""
+    images, labels = [], []
+    for name in files:
+        path = os.path.join(folder, name)
+        try:
+            with open(path, "rb") as f:
+                d = pickle.load(f, encoding="latin1")  # the files are Python 2 pickles
+            d = {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+            x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            y = np.asarray(d[key], dtype=np.int64)
+        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, KeyError, TypeError,
+                ValueError) as e:
+            raise BadInput(f"{path} is missing or not a CIFAR batch ({type(e).__name__}: {e}); "
+                           f"rerun with --download, or extract the official python-version "
+                           f"archive into {os.path.dirname(folder)}") from None
+        if len(x) != len(y) or (len(y) and not 0 <= y.min() <= y.max() < num_classes):
+            raise BadInput(f"{path}: {len(x)} images, {len(y)} labels, labels must lie in "
+                           f"0..{num_classes - 1}; the file is not an official CIFAR batch")
+        images.append(x)
+        labels.append(y)
+    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+
+
 def _load_cifar(name, root, imb, seed, download, profile, n_max=None):
-    from torchvision.datasets import CIFAR10, CIFAR100
-    cls, folder, num_classes, full = {
-        "cifar10": (CIFAR10, "cifar-10-batches-py", 10, 5000),
-        "cifar100": (CIFAR100, "cifar-100-python", 100, 500)}[name]
-    n_max = n_max or full
-    try:
-        train = cls(root, train=True, download=download)
-        test = cls(root, train=False, download=download)
-    except RuntimeError as e:
-        raise BadInput(f"{name} not found or corrupt under {os.path.join(root, folder)} ({e}); "
-                       f"rerun with --download, or extract the official python-version archive "
-                       f"into {root}") from None
-    except OSError as e:
-        raise BadInput(f"{name} could not be downloaded into {root}: {e}") from None
-    counts = lt_counts(n_max, num_classes, imb, profile)
-    keep = make_lt_indices(train.targets, counts, seed)
+    spec = CIFAR[name]
+    folder = os.path.join(root, spec["folder"])
+    if download and not all(os.path.isfile(os.path.join(folder, f))
+                            for f in spec["train"] + spec["test"]):
+        _download_cifar(spec, root)
+    train_x, train_y = _read_cifar_split(folder, spec["train"], spec["key"], spec["num_classes"])
+    test_x, test_y = _read_cifar_split(folder, spec["test"], spec["key"], spec["num_classes"])
+    n_max = n_max or spec["n_max"]
+    counts = lt_counts(n_max, spec["num_classes"], imb, profile)
+    keep = torch.from_numpy(make_lt_indices(train_y.numpy(), counts, seed))
     mean, std = CIFAR_STATS[name]
-
-    def to_tensor(d, idx=None):
-        x = torch.from_numpy(np.ascontiguousarray(d.data.transpose(0, 3, 1, 2)))  # (N, 3, 32, 32)
-        y = torch.as_tensor(d.targets, dtype=torch.int64)
-        return TensorImages(x[idx], y[idx]) if idx is not None else TensorImages(x, y)
-
-    return LTData(name, to_tensor(train, torch.from_numpy(keep)), None, to_tensor(test), counts,
-                  num_classes, 3, 32, mean, std, n_max)
+    return LTData(name, TensorImages(train_x[keep], train_y[keep]), None,
+                  TensorImages(test_x, test_y), counts, spec["num_classes"], 3, 32, mean, std,
+                  n_max)
 
 
 def _read_list(path, root, num_classes=1000):
@@ -338,7 +404,13 @@ def pick_device(name="auto"):
     return torch.device(name)
 
 
-def _atomic(path, write):
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: the permissions an ordinary open() would give
+
+
+def atomic_write(path, write):
+    """Call write(f) on a temporary file in the same folder, then rename it to path: a reader sees
+    the old file or the whole new one, never half of it."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_")
@@ -347,6 +419,7 @@ def _atomic(path, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # mkstemp makes 0600; a plain open would not
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -356,11 +429,11 @@ def _atomic(path, write):
 
 def atomic_save(obj, path):
     """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
-    _atomic(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_json(obj, path):
-    _atomic(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
 def load_checkpoint(path, map_location="cpu"):

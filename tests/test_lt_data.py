@@ -1,8 +1,12 @@
 """lt_data.py: long-tail profiles, subsets, splits, evaluation and the real loaders on small files
 written here in the real on-disk formats."""
+import hashlib
+import math
 import os
 import pickle
 import random
+import tarfile
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -16,15 +20,28 @@ from lt_data import BadInput
 # lt_counts
 
 
-@given(n_max=st.integers(1, 10000), num_classes=st.integers(2, 200),
-       imb=st.one_of(st.integers(1, 500), st.floats(1.0, 500.0)))
+# Ratios as a user types them: whole numbers, or decimals such as 12.5 or 1.6.
+RATIOS = st.one_of(st.integers(1, 500), st.integers(100, 50000).map(lambda k: k / 100))
+
+
+def exact_floor(n_max, imb):
+    """floor(n_max / imb) in exact decimal arithmetic (8 / 1.6 is 5, though 8 // 1.6 is 4.0)."""
+    return math.floor(Fraction(n_max) / Fraction(str(imb)))
+
+
+@given(n_max=st.integers(1, 10000), num_classes=st.integers(2, 200), imb=RATIOS)
 def test_exp_profile_properties(n_max, num_classes, imb):
     counts = lt_data.lt_counts(n_max, num_classes, imb)
     assert len(counts) == num_classes
     assert counts[0] == n_max
     assert all(a >= b for a, b in zip(counts, counts[1:]))
     assert all(c >= 1 for c in counts)
-    assert counts[-1] == max(1, int(n_max // imb))
+    assert counts[-1] == max(1, exact_floor(n_max, imb))
+
+
+def test_exp_profile_float_ratio_is_exact_at_the_tail():
+    assert lt_data.lt_counts(8, 2, 1.6) == [8, 5]
+    assert lt_data.lt_counts(98, 2, 49) == [98, 2]
 
 
 @given(n_max=st.integers(1, 10000), num_classes=st.integers(1, 200))
@@ -33,12 +50,12 @@ def test_ratio_one_is_uniform(n_max, num_classes):
     assert lt_data.lt_counts(n_max, num_classes, 1, "step") == [n_max] * num_classes
 
 
-@given(n_max=st.integers(1, 10000), num_classes=st.integers(2, 200), imb=st.integers(1, 500))
+@given(n_max=st.integers(1, 10000), num_classes=st.integers(2, 200), imb=RATIOS)
 def test_step_profile_shape(n_max, num_classes, imb):
     counts = lt_data.lt_counts(n_max, num_classes, imb, "step")
     head = num_classes // 2
     assert counts[:head] == [n_max] * head
-    assert counts[head:] == [max(1, n_max // imb)] * (num_classes - head)
+    assert counts[head:] == [max(1, exact_floor(n_max, imb))] * (num_classes - head)
 
 
 @pytest.mark.parametrize("n_max,num_classes,totals", [
@@ -189,7 +206,7 @@ def test_frechet_grows_with_shift(small, extra, seed):
 
 
 # -------------------------------------------------------------------------------------------------
-# Loaders: digits (offline), CIFAR through torchvision on tiny real-format files, ImageNet-LT lists
+# Loaders: digits (offline), CIFAR on tiny files in the official pickle format, ImageNet-LT lists
 
 
 def test_digits_offline():
@@ -252,16 +269,9 @@ def _write_cifar(root, name, per_class, rng):
     return folder
 
 
-@pytest.fixture
-def no_md5(monkeypatch):
-    """torchvision checks the md5 of the real archives; tiny files only need to exist."""
-    import torchvision.datasets.cifar as tv_cifar
-    monkeypatch.setattr(tv_cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
-
-
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
-def test_cifar_real_format(tmp_path, name, no_md5):
-    _write_cifar(str(tmp_path), name, per_class=20, rng=np.random.default_rng(0))
+def test_cifar_real_format(tmp_path, name):
+    folder = _write_cifar(str(tmp_path), name, per_class=20, rng=np.random.default_rng(0))
     d = lt_data.load_dataset(name, str(tmp_path), imb=10, seed=3, n_max=20)
     num_classes = 10 if name == "cifar10" else 100
     assert d.num_classes == num_classes and d.channels == 3 and d.image_size == 32
@@ -269,15 +279,75 @@ def test_cifar_real_format(tmp_path, name, no_md5):
     assert torch.bincount(d.train.labels, minlength=num_classes).tolist() == d.train_counts
     assert d.train.images.shape[1:] == (3, 32, 32) and d.train.images.dtype == torch.uint8
     assert len(d.test) == 2 * num_classes and d.val is None
-    # the HWC -> CHW conversion matches the pickled row layout (R plane, G plane, B plane)
-    from torchvision.datasets import CIFAR10, CIFAR100
-    raw = (CIFAR10 if name == "cifar10" else CIFAR100)(str(tmp_path), train=False)
-    assert torch.equal(d.test.images[0, 1], torch.from_numpy(raw.data[0, :, :, 1]))
+    # each pickled row is the red plane, then green, then blue, each 32 rows of 32 values
+    with open(os.path.join(folder, "test_batch" if name == "cifar10" else "test"), "rb") as f:
+        raw = pickle.load(f)
+    green = raw["data"][0, 1024:2048].reshape(32, 32)
+    assert torch.equal(d.test.images[0, 1], torch.from_numpy(green))
+    assert d.test.labels[0] == raw["labels" if name == "cifar10" else "fine_labels"][0]
+    # the kept training images are real rows of the training pickles, with their labels
+    e = lt_data.load_dataset(name, str(tmp_path), imb=10, seed=3, n_max=20)
+    assert torch.equal(d.train.images, e.train.images)
+
+
+def test_cifar_bytes_keys(tmp_path):
+    """Batches whose keys are bytes (b"data", as the files read with encoding="bytes") load too."""
+    folder = _write_cifar(str(tmp_path), "cifar10", per_class=5, rng=np.random.default_rng(1))
+    path = os.path.join(folder, "test_batch")
+    with open(path, "rb") as f:
+        raw = pickle.load(f)
+    with open(path, "wb") as f:
+        pickle.dump({k.encode(): v for k, v in raw.items()}, f, protocol=2)
+    d = lt_data.load_dataset("cifar10", str(tmp_path), imb=1, n_max=5)
+    assert d.test.labels.tolist() == raw["labels"]
 
 
 def test_cifar_missing_says_how_to_get_it(tmp_path):
     with pytest.raises(BadInput, match="--download"):
         lt_data.load_dataset("cifar10", str(tmp_path), imb=100)
+
+
+def test_cifar_corrupt_batch_is_bad_input(tmp_path):
+    folder = _write_cifar(str(tmp_path), "cifar100", per_class=5, rng=np.random.default_rng(2))
+    with open(os.path.join(folder, "train"), "wb") as f:
+        f.write(b"truncated")
+    with pytest.raises(BadInput, match="not a CIFAR batch"):
+        lt_data.load_dataset("cifar100", str(tmp_path), imb=1, n_max=5)
+
+
+def _cifar_archive(tmp_path, name):
+    """A tiny archive in the official layout, and a CIFAR spec that downloads it from a file URL."""
+    src = tmp_path / "src"
+    folder = _write_cifar(str(src), name, per_class=5, rng=np.random.default_rng(3))
+    archive = tmp_path / "archive.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname=os.path.basename(folder))
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    return dict(lt_data.CIFAR[name], url=archive.as_uri(), md5=md5)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_download_checks_md5_and_unpacks(tmp_path, monkeypatch, name):
+    spec = _cifar_archive(tmp_path, name)
+    monkeypatch.setitem(lt_data.CIFAR, name, spec)
+    root = tmp_path / "data"
+    d = lt_data.load_dataset(name, str(root), imb=1, n_max=5, download=True)
+    assert sum(d.train_counts) == len(d.train) == 5 * d.num_classes
+    assert (root / spec["folder"]).is_dir()
+    # an archive that is not the official one (wrong md5) is refused and says so
+    root2 = tmp_path / "data2"
+    monkeypatch.setitem(lt_data.CIFAR, name, dict(spec, md5="0" * 32))
+    with pytest.raises(BadInput, match="md5"):
+        lt_data.load_dataset(name, str(root2), imb=1, n_max=5, download=True)
+    assert not (root2 / spec["folder"]).exists()
+
+
+def test_cifar_download_failure_is_bad_input(tmp_path, monkeypatch):
+    spec = dict(lt_data.CIFAR["cifar10"], url=(tmp_path / "nowhere.tar.gz").as_uri())
+    monkeypatch.setitem(lt_data.CIFAR, "cifar10", spec)
+    with pytest.raises(BadInput, match="could not download"):
+        lt_data.load_dataset("cifar10", str(tmp_path / "data"), imb=1, download=True)
+    assert not os.listdir(tmp_path / "data")  # no half-written archive left behind
 
 
 def _write_imagenet_lt(root, per_class_train=(3, 2, 1), test_per_class=2):
