@@ -73,7 +73,7 @@ done
 mkdir -p "$(dirname "$TABLE")"
 "$PYTHON" - "$TABLE" "${run_dirs[@]}" <<'EOF'
 """One markdown table of every results.json: rows = method / row, columns = dataset / ratio (mean
-over seeds), plus Many / Medium / Few for CIFAR-100-LT r=100 and ImageNet-LT."""
+over seeds), plus Many / Medium / Few for CIFAR-100-LT r=100, ImageNet-LT and digits."""
 import json, os, sys
 from collections import defaultdict
 
@@ -86,7 +86,7 @@ for d in dirs:
         continue
     r = json.load(open(path))
     col = r["dataset"] if r["dataset"] == "imagenet_lt" else f"{r['dataset']} r={r['imb']:g}"
-    groups = r["dataset"] == "imagenet_lt" or (r["dataset"] == "cifar100" and r["imb"] == 100)
+    groups = r["dataset"] in ("imagenet_lt", "digits") or (r["dataset"] == "cifar100" and r["imb"] == 100)
     for name, row in r["rows"].items():
         key = (r["method"], name)
         if key not in rows:
