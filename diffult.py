@@ -165,6 +165,12 @@ SMOKE = dict(epochs=2, unet_ch=16, unet_blocks=1, diffusion_steps=6, diffusion_b
              diffusion_warmup=2, ckpt_every=3, sample_steps=3, target_count=30, gen_batch=32)
 # Fields that do not change results: a run directory may be reused with other values of them.
 NOT_RESULTS = ("out", "device", "data_root", "download", "redo", "workers")
+# Fields that no stage before the named one reads: `--redo STAGE` may change them in an existing run
+# directory (e.g. --redo generate --sampler ddpm reuses the trained classifier and generator).
+REDO_FIELDS = {"generate": ("sampler", "sample_steps", "eta", "guidance", "target_count",
+                            "gen_batch"),
+               "filter": ("no_filter",), "classifier": ("synthetic_weight",),
+               "evaluate": ("eval_split",)}
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -864,7 +870,9 @@ def stage_baseline(cfg, data, device):
     """Stage 1: CE classifier = the CE row and phi. Class centres c_y and radii d_f(y) of the real,
     un-augmented training features."""
     folder = stage_dir(cfg, "baseline")
-    torch.manual_seed(rng_seed(cfg, "baseline-init"))
+    # Stage-1 init from torch.manual_seed(seed), as ldmlr.py's encoder stage: with the same seed
+    # both scripts train the same CE model, so their CE rows are one shared baseline.
+    torch.manual_seed(cfg.seed)
     model = make_classifier(cfg.arch, data.num_classes, data.channels)
     train_classifier(model, data.train, data, cfg, device, os.path.join(folder, "ckpt.pt"),
                      desc="baseline CE")
@@ -1202,9 +1210,13 @@ def run(cfg):
                                 image_size=cfg.image_size)
     if cfg.eval_split == "val" and data.val is None:
         raise BadInput(f"{cfg.dataset} has no validation split here; use --eval-split test")
-    lt_data.check_run_dir(cfg.out, dataclasses.asdict(cfg), ignore=NOT_RESULTS)
+    config = dataclasses.asdict(cfg)
+    may_change = [f for s in STAGES[STAGES.index(cfg.redo):] for f in REDO_FIELDS.get(s, ())] \
+        if cfg.redo else []
+    lt_data.check_run_dir(cfg.out, config, ignore=NOT_RESULTS, may_change=may_change)
     if cfg.redo:
         redo_from(cfg, cfg.redo)
+        lt_data.atomic_json(config, os.path.join(cfg.out, "config.json"))  # now it describes all
     stages = (stage_baseline, stage_diffusion, stage_generate, stage_filter, stage_classifier,
               stage_evaluate)
     for name, fn in zip(STAGES, stages):

@@ -144,6 +144,11 @@ SMOKE = dict(epochs=2, diff_steps=40, diff_width=64, diff_blocks=1, ckpt_every=2
              ft_epochs=5)
 # Fields that do not change results: a run directory may be reused with other values of them.
 NOT_RESULTS = ("out", "device", "data_root", "download", "redo", "workers")
+# Fields that no stage before the named one reads: `--redo STAGE` may change them in an existing run
+# directory (e.g. --redo generate --ratio 0.5 reuses the trained encoder and denoiser).
+REDO_FIELDS = {"generate": ("sample_steps", "eta", "clip_x0", "ratio", "generate_for", "fill"),
+               "finetune": ("ft_epochs", "ft_lr", "ft_weight_decay", "ft_batch"),
+               "evaluate": ("tau", "eval_split")}
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -705,6 +710,9 @@ def ce_head(enc, num_classes):
 def stage_encoder(cfg, data, device):
     """Stage 1: the CE classifier on the long-tailed images (shared recipe with diffult.py)."""
     folder = stage_dir(cfg, "encoder")
+    # Stage-1 init from torch.manual_seed(seed), as diffult.py's baseline stage: with the same seed
+    # both scripts train the same CE model, so their CE rows are one shared baseline.
+    torch.manual_seed(cfg.seed)
     model = make_classifier(cfg.arch, data.num_classes, data.channels)
     train_classifier(model, data.train, data, cfg, device, os.path.join(folder, "ckpt.pt"),
                      desc="encoder", mixup_alpha=cfg.mixup)
@@ -913,12 +921,16 @@ def run(cfg):
     if cfg.eval_split == "val" and data.val is None:
         raise BadInput(f"--eval-split val needs a validation split and {cfg.dataset} has none "
                        f"here; use --eval-split test")
-    lt_data.check_run_dir(cfg.out, dataclasses.asdict(cfg), ignore=NOT_RESULTS)
+    config = dataclasses.asdict(cfg)
+    may_change = [f for s in STAGES[STAGES.index(cfg.redo):] for f in REDO_FIELDS.get(s, ())] \
+        if cfg.redo else []
+    lt_data.check_run_dir(cfg.out, config, ignore=NOT_RESULTS, may_change=may_change)
     if cfg.redo:
         redo_from(cfg, cfg.redo)
+        lt_data.atomic_json(config, os.path.join(cfg.out, "config.json"))  # now it describes all
     # ---- seeding: global RNGs (model init) are reseeded before every stage, so a stage computes
-    # the same whether or not the stages before it ran in this process; stage 1 gets exactly
-    # seed_everything(seed), as in diffult.py. Data order and noise use explicit generators.
+    # the same whether or not the stages before it ran in this process (the encoder stage then
+    # seeds its own init as diffult.py does). Data order and noise use explicit generators.
     lt_data.seed_everything(cfg.seed)
     device = lt_data.pick_device(cfg.device)
     timing = {}

@@ -448,11 +448,13 @@ def load_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
-def check_run_dir(out, config, ignore=()):
+def check_run_dir(out, config, ignore=(), may_change=()):
     """Write <out>/config.json, or check that an existing one agrees with `config`.
 
-    Fields in `ignore` (where the run lives, which device) may differ; any other difference would
-    mix results of two configurations in one directory and is an error.
+    Fields in `ignore` (where the run lives, which device) may differ, and so may those in
+    `may_change`: the fields read only by the stages that --redo is about to recompute (the caller
+    rewrites config.json once those stages are cleared). Any other difference would mix results of
+    two configurations in one directory and is an error.
     """
     path = os.path.join(out, "config.json")
     if os.path.isfile(path):
@@ -463,13 +465,13 @@ def check_run_dir(out, config, ignore=()):
             raise BadInput(f"{path} is unreadable; delete the run directory or use another --out") \
                 from None
         diff = sorted(k for k in set(old) | set(config)
-                      if k not in ignore and old.get(k) != config.get(k))
+                      if k not in ignore and k not in may_change and old.get(k) != config.get(k))
         if diff:
             k = diff[0]
             raise BadInput(f"run directory {out} was made with another config ({k}: "
                            f"{old.get(k)!r} there, {config.get(k)!r} now"
                            f"{f', and {len(diff) - 1} more' if len(diff) > 1 else ''}); "
-                           f"use another --out or delete it")
+                           f"use another --out, delete it, or --redo the first stage that reads it")
     elif os.path.isdir(out) and os.listdir(out):
         raise BadInput(f"{out} exists, is not empty and has no config.json; use another --out")
     else:

@@ -2,6 +2,7 @@
 pipeline through its real command line on digits with --smoke."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -323,6 +324,29 @@ def test_smoke_rerun_skips_every_stage_and_redo_recomputes(smoke_run):
 
 
 @pytest.mark.slow
+def test_redo_generate_may_change_the_generation_fields_only(smoke_run, tmp_path):
+    src, res, _ = smoke_run
+    out = str(tmp_path / "copy")
+    shutil.copytree(src, out)
+    proc = run_cli("--smoke", "--out", out, "--ratio", "0.5")  # without --redo: refused
+    assert proc.returncode == 2 and "ratio" in proc.stderr
+    proc = run_cli("--smoke", "--out", out, "--redo", "diffusion", "--epochs", "3")
+    assert proc.returncode == 2 and "epochs" in proc.stderr  # the encoder reads it
+    proc = run_cli("--smoke", "--out", out, "--redo", "generate", "--ratio", "0.5")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for stage in ("encoder", "encode", "diffusion"):
+        assert f"[{stage}] done, skipped" in proc.stdout
+    with open(os.path.join(out, "results.json")) as f:
+        new = json.load(f)
+    assert new["generated"]["counts"] == [55, 39, 28, 20, 14, 10, 7, 5, 5, 5]
+    assert new["rows"]["CE"] == res["rows"]["CE"]
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["ratio"] == 0.5  # the directory now describes the new setting
+    proc = run_cli("--smoke", "--out", out, "--ratio", "0.5")  # and reruns as it
+    assert proc.returncode == 0 and "[evaluate] done, skipped" in proc.stdout
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [["--imb", "0.5"], ["--dataset", "mnist"], ["--seed", "1"],
                                   ["--eta", "2"], ["--redo", "nonsense"]])
 def test_bad_input_exits_2_with_one_line(smoke_run, args):
@@ -332,3 +356,19 @@ def test_bad_input_exits_2_with_one_line(smoke_run, args):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "error" in lines[0]
+
+
+def test_stage_one_is_the_same_model_as_diffults_baseline(tmp_path):
+    """Both scripts train the same CE model from the same seed: one shared baseline row."""
+    import diffult
+    args = ["--dataset", "digits", "--smoke", "--seed", "3"]
+    cfg_l = ldmlr.parse_config(args + ["--out", str(tmp_path / "l")])
+    cfg_d = diffult.parse_config(args + ["--out", str(tmp_path / "d")])
+    data = lt_data.load_dataset("digits", imb=cfg_l.imb, seed=3)
+    torch.manual_seed(11)  # whatever the global RNG holds before, each stage seeds its own init
+    ldmlr.stage_encoder(cfg_l, data, torch.device("cpu"))
+    torch.manual_seed(12)
+    diffult.stage_baseline(cfg_d, data, torch.device("cpu"))
+    a = lt_data.load_checkpoint(str(tmp_path / "l" / "encoder" / "model.pt"))["model"]
+    b = lt_data.load_checkpoint(str(tmp_path / "d" / "baseline" / "ckpt.pt"))["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -447,6 +447,10 @@ def test_check_run_dir(tmp_path):
     lt_data.check_run_dir(out, dict(cfg, device="cuda"), ignore=("device",))  # not a result field
     with pytest.raises(BadInput, match="imb"):
         lt_data.check_run_dir(out, dict(cfg, imb=50), ignore=("device",))
+    # a field that only the stages about to be redone read may change; the others still may not
+    lt_data.check_run_dir(out, dict(cfg, seed=1), may_change=("seed",))
+    with pytest.raises(BadInput, match="imb"):
+        lt_data.check_run_dir(out, dict(cfg, seed=1, imb=50), may_change=("seed",))
     other = tmp_path / "other"
     other.mkdir()
     (other / "file.txt").write_text("x")
