@@ -16,14 +16,17 @@ Pipeline (one folder per stage under --out, each cached and resumable):
 
     python diffult.py --dataset digits --imb 20          # offline, 2 CPU cores, a few minutes
     python diffult.py --dataset cifar100 --imb 100       # the paper's setting (GPU, ~a day)
+    torchrun --nproc_per_node 4 diffult.py --dataset cifar100 --imb 100   # on 4 GPUs (DDP)
 
-Measured on digits, r = 20, test top-1 %, mean of seeds 0, 1, 2 (overall / Few), one run
-~4.3 min on two shared CPU cores (OMP_NUM_THREADS=1 python diffult.py --dataset digits --seed S):
-    CE 94.75 / 88.54   LA 95.67 / 91.88   DiffuLT 95.08 / 91.04   DiffuLT+LA 95.33 / 92.29
-Generated: 58 % ID, 30 % AID, 12 % OOD (dropped). Details, and DDIM vs DDPM, in the README.
+Measured on digits, r = 20, test top-1 %, mean of seeds 0, 1, 2 (overall / Few), with
+OMP_NUM_THREADS=1 DATASETS=digits RATIOS=20 SEEDS="0 1 2" bash run_all.sh (README):
+    CE 93.17 / 84.79   LA 94.33 / 87.71   DiffuLT 94.92 / 90.00   DiffuLT+LA 95.25 / 91.04
+Generated: 54.5 % ID, 35.2 % AID, 10.3 % OOD (dropped). One run takes 95 s on two idle CPU cores
+(median of 3, /usr/bin/time). DDIM against DDPM-1000, and how the defaults were chosen: README.
 """
 import argparse
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -35,8 +38,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import lt_data
@@ -67,6 +72,13 @@ class Config:
     eval_split: str = opt("test", "evaluate on the test set, or on the validation split carved "
                           "from the training data (digits, ImageNet-LT) when tuning", ("test", "val"))
     workers: int = opt(4, "DataLoader workers for datasets read from disk (ImageNet-LT)")
+    precision: str = opt("auto", "forward passes of training and sampling in bf16 autocast or "
+                         "fp32; auto = bf16 on CUDA devices that support it, else fp32",
+                         ("auto", "fp32", "bf16"))
+    channels_last: str = opt("auto", "channels_last memory format for the conv nets; auto = on "
+                             "CUDA only", ("auto", "on", "off"))
+    compile: bool = opt(False, "torch.compile the training models (compiling takes minutes; "
+                        "pays off on long GPU runs)")
     # ---- stage 1 classifier, the recipe of Cao et al. 2019 (LDAM-DRW) for ResNet-32 on CIFAR-LT
     arch: str = opt(None, "classifier backbone", ("resnet32", "resnet10", "resnet50"))
     epochs: int = opt(None, "classifier epochs (paper: 200 on CIFAR)")
@@ -137,9 +149,8 @@ DEFAULTS = {
 # ImageNet-LT: the paper trains its generator for ~6 days and does not give the configuration;
 # everything below is ours: 64x64 generation (upsampled to the classifier's input), a wider
 # 4-level UNet with attention at 16 and 8.
-# digits (ours): an 8x8 one-channel UNet and budgets sized for 2 CPU cores, chosen on the val
-# split (seed 0): ch 32 gave val DiffuLT 95.5 % but ~5 min of diffusion training, ch 32 at batch 32
-# for 500 steps 92.0 %, this ch 16 net 94.0 % (DiffuLT+LA 95.5 %) in ~2.3 min; CE is 89.0 %.
+# digits (ours): an 8x8 one-channel UNet and budgets sized for 2 CPU cores; the generation and
+# retraining settings (guidance, omega, filter) were checked on the validation split (README).
 GEN_DEFAULTS = {
     "cifar10": dict(gen_size=32, unet_ch=128, unet_mult="1,2,2,2", unet_blocks=2, unet_attn="16",
                     unet_dropout=0.1, diffusion_steps=300_000, diffusion_batch=48,
@@ -164,10 +175,22 @@ for _name, _extra in GEN_DEFAULTS.items():
 SMOKE = dict(epochs=2, unet_ch=16, unet_blocks=1, diffusion_steps=6, diffusion_batch=16,
              diffusion_warmup=2, ckpt_every=3, sample_steps=3, target_count=30, gen_batch=32)
 # Fields that do not change results: a run directory may be reused with other values of them.
-NOT_RESULTS = ("out", "device", "data_root", "download", "redo", "workers")
+# channels_last and compile are here because they change which kernels compute the same operations
+# (another memory layout, summation order or convolution algorithm; compiled dropout may also draw
+# its masks from another random stream), not the operations: the numbers then differ as they do
+# between two devices, and --device is here too. precision is not: bf16 keeps 8 significant bits,
+# and that is another computation.
+NOT_RESULTS = ("out", "device", "data_root", "download", "redo", "workers", "channels_last",
+               "compile")
 # Fields that no stage before the named one reads: `--redo STAGE` may change them in an existing run
-# directory (e.g. --redo generate --sampler ddpm reuses the trained classifier and generator).
-REDO_FIELDS = {"generate": ("sampler", "sample_steps", "eta", "guidance", "target_count",
+# directory (--redo diffusion --tau 0 reuses the CE baseline; --redo generate --sampler ddpm reuses
+# the trained generator too).
+REDO_FIELDS = {"diffusion": ("gen_size", "unet_ch", "unet_mult", "unet_blocks", "unet_attn",
+                             "unet_dropout", "timesteps", "beta_1", "beta_T", "diffusion_steps",
+                             "diffusion_batch", "diffusion_lr", "diffusion_warmup", "ema_decay",
+                             "grad_clip", "ckpt_every", "label_dropout", "tau", "gamma",
+                             "cbdm_prior", "alpha"),
+               "generate": ("sampler", "sample_steps", "eta", "guidance", "target_count",
                             "gen_batch"),
                "filter": ("no_filter",), "classifier": ("synthetic_weight",),
                "evaluate": ("eval_split",)}
@@ -183,11 +206,11 @@ def parse_config(argv=None, method="diffult"):
     for f in dataclasses.fields(Config):
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
         if f.type is bool or f.type == "bool":
-            parser.add_argument(flag, action="store_true", help=meta["help"])
+            parser.add_argument(flag, action="store_true", help=meta["help"].replace("%", "%%"))
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             parser.add_argument(flag, type=typ, default=None, choices=meta["choices"],
-                                help=meta["help"])
+                                help=meta["help"].replace("%", "%%"))
     args = vars(parser.parse_args(argv))
     dataset = args["dataset"] or Config.dataset
     values = {f.name: f.default for f in dataclasses.fields(Config)}
@@ -196,6 +219,13 @@ def parse_config(argv=None, method="diffult"):
         values.update(SMOKE)
     values.update({k: v for k, v in args.items() if v is not None and v is not False})
     cfg = Config(**values)
+    # nan fails every comparison below unnoticed and inf passes most: floats must be finite first
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise BadInput(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
+    if not 0 <= cfg.seed < 2 ** 32:
+        raise BadInput(f"--seed must be in 0 .. 2^32 - 1 (numpy's seed range), got {cfg.seed}")
     if cfg.imb < 1:
         raise BadInput(f"--imb must be >= 1 (head/tail ratio), got {cfg.imb}")
     for name in ("epochs", "batch_size", "image_size"):
@@ -215,9 +245,16 @@ def parse_config(argv=None, method="diffult"):
                        f"{cfg.timesteps} and {cfg.sample_steps}")
     if not 0 < cfg.beta_1 < cfg.beta_T < 1:
         raise BadInput(f"need 0 < --beta-1 < --beta-T < 1, got {cfg.beta_1}, {cfg.beta_T}")
-    for name in ("tau", "gamma", "alpha", "guidance", "eta", "unet_dropout", "diffusion_lr"):
+    for name in ("tau", "gamma", "alpha", "guidance", "eta", "unet_dropout",
+                 "weight_decay", "warmup_epochs", "workers"):
         if not getattr(cfg, name) >= 0:
             raise BadInput(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    for name in ("lr", "diffusion_lr"):
+        if not getattr(cfg, name) > 0:
+            raise BadInput(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
+    if cfg.unet_dropout >= 1 or cfg.eta > 1:
+        raise BadInput(f"need --unet-dropout < 1 and --eta <= 1 (1 = DDPM-like sampling), got "
+                       f"{cfg.unet_dropout} and {cfg.eta}")
     if not 0 <= cfg.label_dropout < 1 or not 0 <= cfg.ema_decay < 1 or not cfg.grad_clip > 0:
         raise BadInput("need 0 <= --label-dropout < 1, 0 <= --ema-decay < 1 and --grad-clip > 0")
     if not cfg.synthetic_weight > 0:
@@ -380,7 +417,8 @@ def timestep_embedding(t, dim):
 
 
 class Attention(nn.Module):
-    """Single-head self-attention over the H*W positions, with a residual connection."""
+    """Single-head self-attention over the H*W positions, with a residual connection. q, k, v and
+    the output projection are 1x1 convolutions, as in pytorch-ddpm."""
 
     def __init__(self, c):
         super().__init__()
@@ -557,27 +595,30 @@ def guided_eps(model, x_t, t, y, w, null_label):
 
 @torch.no_grad()
 def sample(model, labels, betas, abar, generator, sampler="ddim", steps=50, w=1.6, eta=0.0,
-           null_label=None, channels=1, size=8):
+           null_label=None, channels=1, size=8, bf16=False):
     """Draw one image per label, returned in [-1, 1]. x_T and every injected noise come from the
     CPU `generator`, so a shard is a pure function of its generator seed. ddpm: all T ancestral
-    steps (DDPM Algorithm 2); ddim: `steps` evenly spaced steps (DDIM Sec. 4.2)."""
+    steps (DDPM Algorithm 2); ddim: `steps` evenly spaced steps (DDIM Sec. 4.2). bf16: the model
+    runs in bf16 autocast; the update steps stay in fp32."""
     device = labels.device
 
     def randn():
         return torch.randn(len(labels), channels, size, size, generator=generator).to(device)
 
+    def eps(x, t):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            return guided_eps(model, x, t, labels, w, null_label).float()
+
     x = randn()  # x_T ~ N(0, I)
     T = len(betas)
     if sampler == "ddpm":
         for t in range(T - 1, -1, -1):
-            x = ddpm_step(x, t, guided_eps(model, x, t, labels, w, null_label), betas, abar,
-                          randn() if t > 0 else None)
+            x = ddpm_step(x, t, eps(x, t), betas, abar, randn() if t > 0 else None)
         return x
     ts = torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long().tolist()
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-        x = ddim_step(x, t, t_prev, guided_eps(model, x, t, labels, w, null_label), abar, eta,
-                      randn() if eta > 0 else None)
+        x = ddim_step(x, t, t_prev, eps(x, t), abar, eta, randn() if eta > 0 else None)
     return x
 
 
@@ -629,38 +670,60 @@ def training_prior(real_counts, kept_counts, omega):
 # Batches: uint8 images from lt_data, augmented and normalised on the device.
 
 
-def batches(dataset, batch_size, generator=None, workers=0):
+def batches(dataset, batch_size, generator=None, workers=0, shard=False):
     """Yield (uint8 images, labels, indices). Shuffled with `generator` if given, else in order.
-    In-memory datasets are sliced directly; datasets on disk go through a DataLoader."""
+    In-memory datasets are sliced directly; datasets on disk go through a DataLoader. shard=True
+    (training under several processes): `indices` is the whole global batch, the images and labels
+    only this rank's rows of it (my_rows)."""
     n = len(dataset)
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    if hasattr(dataset, "images"):
-        for i in range(0, n, batch_size):
-            idx = order[i:i + batch_size]
-            yield dataset.images[idx], dataset.labels[idx], idx
-        return
     chunks = list(order.split(batch_size))
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=[c.tolist() for c in chunks],
-                                         num_workers=workers)
-    for (x, y), idx in zip(loader, chunks):
-        yield x, y, idx
+    mine = [c[my_rows(len(c))] for c in chunks] if shard else chunks
+    if hasattr(dataset, "images"):
+        for idx, rows in zip(chunks, mine):
+            yield dataset.images[rows], dataset.labels[rows], idx
+        return
+    loader = iter(torch.utils.data.DataLoader(
+        dataset, batch_sampler=[m.tolist() for m in mine if len(m)], num_workers=workers))
+    for idx, rows in zip(chunks, mine):
+        if len(rows):  # a rank with no row of a small last batch yields an empty slice instead
+            x, y = next(loader)
+        yield x[:len(rows)], y[:len(rows)], idx
 
 
-def augment(x, generator, pad, flip):
-    """Random crop with `pad` zero padding and (if flip) horizontal flip, per sample.
-    x: uint8 (B, C, H, W) on any device; the random draws come from the CPU `generator`."""
+def augment_draws(n, generator, pad, flip):
+    """The random draws of augment() for n samples, from the CPU `generator`: crop offsets dy, dx
+    and (if flip, else None) flip flags, each (n, 1, 1, 1). Drawn for a whole global batch, they
+    are applied to any rows of it with [d[rows] for d in draws]."""
+    dy = torch.randint(0, 2 * pad + 1, (n, 1, 1, 1), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n, 1, 1, 1), generator=generator)
+    m = (torch.rand(n, generator=generator) < 0.5).view(n, 1, 1, 1) if flip else None
+    return dy, dx, m
+
+
+def augment(x, draws, pad):
+    """Random crop with `pad` zero padding and horizontal flip, per sample: x uint8 (B, C, H, W) on
+    any device, draws = augment_draws(B, ...) (or rows of it) for these B samples."""
     B, C, H, W = x.shape
+    dy, dx, m = (d if d is None else d.to(x.device) for d in draws)
     xp = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (B, 1, 1, 1), generator=generator).to(x.device)
-    dx = torch.randint(0, 2 * pad + 1, (B, 1, 1, 1), generator=generator).to(x.device)
     rows = (dy + torch.arange(H, device=x.device).view(1, 1, H, 1)).expand(B, C, H, W + 2 * pad)
     x = xp.gather(2, rows)  # (B, C, H, W + 2 pad)
     cols = (dx + torch.arange(W, device=x.device).view(1, 1, 1, W)).expand(B, C, H, W)
     x = x.gather(3, cols)  # (B, C, H, W)
-    if flip:
-        m = (torch.rand(B, generator=generator) < 0.5).to(x.device).view(B, 1, 1, 1)
+    if m is not None:
         x = torch.where(m, x.flip(3), x)
     return x
+
+
+def read_rows(dataset, idx):
+    """(uint8 images, labels) of the dataset rows idx, read directly."""
+    if hasattr(dataset, "images"):
+        return dataset.images[idx], dataset.labels[idx]
+    if len(idx) == 0:
+        return dataset[0][0][None, :0], torch.zeros(0, dtype=torch.long)
+    x, y = torch.utils.data.default_collate([dataset[i] for i in idx.tolist()])
+    return x, y
 
 
 def normalise(x, mean, std):
@@ -668,6 +731,158 @@ def normalise(x, mean, std):
     mean = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
     std = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
     return (x.float() / 255.0 - mean) / std
+
+
+# -------------------------------------------------------------------------------------------------
+# Several processes and the speed switches. `torchrun --nproc_per_node N diffult.py ...` starts N
+# processes (ranks), one per device. The training stages run on every rank under
+# DistributedDataParallel (DDP): every rank draws the same global batch from the same seeded
+# generators and computes the loss of its own rows of it; DDP averages the gradients. Rank 0 alone
+# writes the files every rank shares. A plain `python diffult.py` is one rank, and all of this then
+# leaves its computation as it was.
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank():
+    # Before the process group exists (while parsing flags) torchrun's RANK says which one we are.
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
+def is_main():
+    return rank() == 0
+
+
+def barrier():
+    """Wait until every rank is here (e.g. until rank 0 has written what the others read next)."""
+    if world_size() > 1:
+        dist.barrier()
+
+
+def from_main(value):
+    """Rank 0's `value` (small, picklable) on every rank, so that all ranks take its decisions."""
+    if world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def agree(fn, *args, **kwargs):
+    """fn(*args, **kwargs) on every rank. A BadInput or diverged loss it raises on any rank is
+    raised on all of them: every rank then exits with its exit code (and rank 0 prints it),
+    instead of waiting at the next collective for a rank that has gone."""
+    result, error = None, None
+    try:
+        result = fn(*args, **kwargs)
+    except (BadInput, FloatingPointError) as e:
+        error = e
+    if world_size() > 1:
+        errors = [None] * world_size()
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise error
+    return result
+
+
+def on_main(fn, *args):
+    """fn(*args) on rank 0 alone while the others wait (errors shared as by agree); its result on
+    rank 0, None elsewhere."""
+    return agree(lambda: fn(*args) if is_main() else None)
+
+
+def dist_setup(cfg):
+    """This process's device. Under torchrun (WORLD_SIZE > 1) also join the process group: NCCL
+    with one GPU per process, GPU number LOCAL_RANK, on CUDA; gloo on CPU."""
+    device = lt_data.pick_device(cfg.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise BadInput(f"several processes need --device cuda or cpu, not {device.type}")
+    if not dist.is_initialized():
+        # Long timeout: the other ranks wait at a barrier while rank 0 alone filters the generated
+        # images, which on ImageNet-LT (~1.2 M images) can outlast the default 10 minutes of NCCL.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(hours=2))
+    if min(cfg.batch_size, cfg.diffusion_batch) < world_size():
+        raise BadInput(f"--batch-size and --diffusion-batch must be at least the number of "
+                       f"processes, {world_size()}")
+    return device
+
+
+def dist_cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def my_rows(n):
+    """This rank's rows of a global batch of n samples, a slice: the ranks take consecutive blocks
+    of n // world rows, the first n % world ranks one row more (so rank 0 always has rows; another
+    rank may have none when n < world size, and then still takes part in DDP's averaging)."""
+    q, extra = divmod(n, world_size())
+    start = rank() * q + min(rank(), extra)
+    return slice(start, start + q + (rank() < extra))
+
+
+def global_mean(loss, n):
+    """The mean over a global batch of n samples of the per-sample `loss` (this rank's rows).
+    DDP averages the ranks' gradients, so each rank returns its sum times world size / n: their
+    average is then exactly the gradient of the global mean, also when n does not divide evenly
+    (a per-rank mean would weigh the samples of a rank with fewer rows more). One process: the
+    plain mean."""
+    if world_size() == 1:
+        return loss.mean()
+    return loss.sum() * (world_size() / n)
+
+
+def synced_mean(total, count):
+    """total / count, averaged over ranks (each rank holds its global_mean sums): the one
+    host-device sync of a log interval. Every rank gets the same number, so a diverged loss stops
+    all ranks together."""
+    if world_size() > 1:
+        dist.all_reduce(total)
+        total = total / world_size()
+    return total.item() / count
+
+
+def use_bf16(cfg, device):
+    """--precision: bf16 autocast, or fp32. auto = bf16 on CUDA devices that support it, so CPU
+    runs compute exactly as without the switch."""
+    bf16_ok = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if cfg.precision == "bf16" and not bf16_ok:
+        raise BadInput(f"--precision bf16 is not supported on {device}; use --precision fp32")
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"
+                                       and bf16_ok)
+
+
+def autocast(device, bf16):
+    """Context for a forward pass: with bf16, matrix products and convolutions run in bf16 (losses,
+    norms and softmax stay fp32, autocast's rules); without, nothing changes."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def place(model, cfg, device):
+    """`model` on the device, in channels_last memory format if --channels-last says so (auto: on
+    CUDA, where cuDNN's convolutions, tensor-core ones above all, are faster in it). A convolution
+    with channels_last weights returns channels_last activations: the inputs need no conversion."""
+    model.to(device)
+    if cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda"):
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def for_training(model, cfg, device):
+    """What a training loop calls: `model` wrapped in DDP under several processes, and compiled
+    with --compile. The wrappers share `model`'s weights, so checkpoints keep saving `model`."""
+    net = DDP(model, device_ids=[device] if device.type == "cuda" else None) \
+        if world_size() > 1 else model
+    return torch.compile(net) if cfg.compile else net
 
 
 # -------------------------------------------------------------------------------------------------
@@ -697,6 +912,13 @@ def weighted_ce(logits, y, idx, weights):
     return loss if weights is None else loss * weights[idx].to(logits.device)
 
 
+def all_finite(*modules):
+    """True if every floating-point weight and buffer of the modules is finite. Checked before
+    each checkpoint is written: an update can overflow although the loss before it was finite."""
+    return all(bool(torch.isfinite(v).all()) for m in modules for v in m.state_dict().values()
+               if v.is_floating_point())
+
+
 def train_classifier(model, dataset, data, cfg, device, ckpt_path, weights=None, desc="classifier",
                      mixup_alpha=0.0):
     """Train `model` on `dataset` (uint8 images) with loss = mean_i w_i * CE_i (w = 1 if weights is
@@ -704,19 +926,32 @@ def train_classifier(model, dataset, data, cfg, device, ckpt_path, weights=None,
     official LDMLR code uses 0.5); 0 = off, and then no extra random draw is made. One checkpoint
     per epoch; a rerun resumes from the last one. The batch order, the augmentation and the mixup
     draws of epoch e come from a generator seeded with (seed, e), so a resumed run matches an
-    uninterrupted one."""
-    model.to(device)
+    uninterrupted one. Under several processes every rank makes all these draws for the whole
+    global batch and trains on its own rows of it (my_rows, global_mean)."""
+    place(model, cfg, device)
+    if world_size() > 1 and device.type == "cuda":
+        # SyncBatchNorm: batch statistics over the global batch, as one process computes them.
+        # Per-rank BatchNorm would normalise each rank's rows by the statistics of those rows
+        # alone, a smaller, noisier batch that changes with the number of GPUs. torch implements
+        # SyncBatchNorm for GPUs only; on CPU (gloo) each rank keeps per-rank statistics.
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     opt_ = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9,
                            weight_decay=cfg.weight_decay)
     start = 0
-    if os.path.isfile(ckpt_path):
-        ckpt = lt_data.load_checkpoint(ckpt_path)
+    if os.path.isfile(ckpt_path):  # every rank resumes from the same checkpoint
+        ckpt = lt_data.load_checkpoint(ckpt_path, keys=("model", "optimizer", "epoch"))
         model.load_state_dict(ckpt["model"])
         opt_.load_state_dict(ckpt["optimizer"])
         start = ckpt["epoch"] + 1
+        log(f"{desc}: resuming after {start} of {cfg.epochs} epochs")
+    net, bf16 = for_training(model, cfg, device), use_bf16(cfg, device)
+    if hasattr(dataset, "images"):  # in memory: on the device once, not batch by batch
+        dataset = lt_data.TensorImages(dataset.images.to(device), dataset.labels.to(device))
+    weights = None if weights is None else weights.to(device)
     pad, flip = max(1, data.image_size // 8), data.name != "digits"  # mirrored digits are not digits
     steps_per_epoch = -(-len(dataset) // cfg.batch_size)
-    bar = tqdm(range(start, cfg.epochs), desc=desc, initial=start, total=cfg.epochs, unit="ep")
+    bar = tqdm(range(start, cfg.epochs), desc=desc, initial=start, total=cfg.epochs, unit="ep",
+               disable=not is_main())
     for epoch in bar:
         for g in opt_.param_groups:
             g["lr"] = lr_at(epoch, cfg)
@@ -724,30 +959,46 @@ def train_classifier(model, dataset, data, cfg, device, ckpt_path, weights=None,
         gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
         total = torch.zeros((), device=device)
         t0 = time.time()
-        for x, y, idx in batches(dataset, cfg.batch_size, gen, cfg.workers):
-            x = normalise(augment(x.to(device, non_blocking=True), gen, pad, flip),
+        for x, y, idx in batches(dataset, cfg.batch_size, gen, cfg.workers, shard=True):
+            B, rows = len(idx), my_rows(len(idx))  # idx: the global batch; x, y: this rank's rows
+            crop = augment_draws(B, gen, pad, flip)
+            x = normalise(augment(x.to(device, non_blocking=True),
+                                  [d if d is None else d[rows] for d in crop], pad),
                           data.mean, data.std)
             y = y.to(device, non_blocking=True)
             if mixup_alpha > 0:
-                lam, perm = mixup_draw(mixup_alpha, len(y), gen)
-                x = lam * x + (1 - lam) * x[perm.to(device)]
-                out = model(x)
-                loss = (lam * weighted_ce(out, y, idx, weights)
-                        + (1 - lam) * weighted_ce(out, y[perm.to(device)], idx[perm], weights))
-            else:
-                loss = weighted_ce(model(x), y, idx, weights)
-            loss = loss.mean()
+                lam, perm = mixup_draw(mixup_alpha, B, gen)
+                pair = perm[rows]  # the partners of this rank's rows, anywhere in the global batch
+                if world_size() == 1:
+                    x_pair, y_pair = x[pair.to(device)], y[pair.to(device)]
+                else:  # partners may be rows of other ranks: read and augment them here
+                    x_pair, y_pair = read_rows(dataset, idx[pair])
+                    x_pair = normalise(augment(x_pair.to(device),
+                                               [d if d is None else d[pair] for d in crop], pad),
+                                       data.mean, data.std)
+                    y_pair = y_pair.to(device)
+                x = lam * x + (1 - lam) * x_pair
+            with autocast(device, bf16):
+                out = net(x).float()  # (rows, classes); the loss in fp32
+            loss = weighted_ce(out, y, idx[rows], weights)
+            if mixup_alpha > 0:
+                loss = lam * loss + (1 - lam) * weighted_ce(out, y_pair, idx[pair], weights)
+            loss = global_mean(loss, B)
             opt_.zero_grad(set_to_none=True)
             loss.backward()
             opt_.step()
             total += loss.detach()
-        mean_loss = total.item() / steps_per_epoch  # one sync per epoch, not per step
-        if not torch.isfinite(torch.tensor(mean_loss)):
+        mean_loss = synced_mean(total, steps_per_epoch)  # one sync per epoch, not per step
+        if not math.isfinite(mean_loss):
             raise FloatingPointError(f"{desc}: loss became {mean_loss} in epoch {epoch}; the last "
                                      f"good checkpoint is kept at {ckpt_path}")
+        if not all_finite(model):
+            raise FloatingPointError(f"{desc}: the weights became non-finite in epoch {epoch}; the "
+                                     f"last good checkpoint is kept at {ckpt_path}")
         bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{len(dataset) / (time.time() - t0):.0f}")
-        lt_data.atomic_save({"model": model.state_dict(), "optimizer": opt_.state_dict(),
-                             "epoch": epoch, "config": dataclasses.asdict(cfg)}, ckpt_path)
+        if is_main():
+            lt_data.atomic_save({"model": model.state_dict(), "optimizer": opt_.state_dict(),
+                                 "epoch": epoch, "config": dataclasses.asdict(cfg)}, ckpt_path)
     return model
 
 
@@ -784,8 +1035,12 @@ def mark_done(cfg, stage, info):
 
 
 def read_done(cfg, stage):
-    with open(os.path.join(cfg.out, stage, "done.json")) as f:
-        return json.load(f)
+    path = os.path.join(cfg.out, stage, "done.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        raise BadInput(f"{path} is unreadable; rerun with --redo {stage}") from None
 
 
 def redo_from(cfg, stage):
@@ -810,8 +1065,9 @@ def print_table(rows):
 # DiffuLT stages. Each returns the summary that goes into its done.json.
 
 
-def log(message):  # one line per stage event, never inside a loop
-    print(f"[diffult] {message}", file=sys.stderr, flush=True)
+def log(message):  # one line per stage event, never inside a loop; rank 0 speaks for all
+    if is_main():
+        print(f"[diffult] {message}", file=sys.stderr, flush=True)
 
 
 def rng_seed(cfg, purpose, i=0):
@@ -857,9 +1113,9 @@ def phi_features(phi, images, data, cfg, device, batch_size=512):
 def load_classifier(cfg, data, stage, device):
     """The classifier trained by `stage` (its last per-epoch checkpoint), frozen, in eval mode."""
     model = make_classifier(cfg.arch, data.num_classes, data.channels)
-    ckpt = lt_data.load_checkpoint(os.path.join(cfg.out, stage, "ckpt.pt"))
+    ckpt = lt_data.load_checkpoint(os.path.join(cfg.out, stage, "ckpt.pt"), keys=("model", "epoch"))
     model.load_state_dict(ckpt["model"])
-    return model.to(device).eval().requires_grad_(False)
+    return place(model, cfg, device).eval().requires_grad_(False)
 
 
 def make_unet(cfg, data):
@@ -876,6 +1132,8 @@ def stage_baseline(cfg, data, device):
     model = make_classifier(cfg.arch, data.num_classes, data.channels)
     train_classifier(model, data.train, data, cfg, device, os.path.join(folder, "ckpt.pt"),
                      desc="baseline CE")
+    if not is_main():  # the statistics take one pass over the data: rank 0 alone computes them
+        return None
     _, feats = predict(model, data.train, data, device, workers=cfg.workers)
     labels = data.train.labels
     centres = torch.stack([feats[labels == c].mean(0) for c in range(data.num_classes)])
@@ -900,13 +1158,16 @@ def step_indices(cfg, n, step):
 
 
 class StepIndices(torch.utils.data.Sampler):
-    """step_indices for steps start..end-1 as a DataLoader batch sampler (datasets on disk)."""
+    """step_indices for steps start..end-1 as a DataLoader batch sampler (datasets on disk): this
+    rank's rows of each."""
 
     def __init__(self, cfg, n, start, end):
         self.cfg, self.n, self.start, self.end = cfg, n, start, end
 
     def __iter__(self):
-        return (step_indices(self.cfg, self.n, s).tolist() for s in range(self.start, self.end))
+        rows = my_rows(self.cfg.diffusion_batch)
+        return (step_indices(self.cfg, self.n, s)[rows].tolist()
+                for s in range(self.start, self.end))
 
     def __len__(self):
         return self.end - self.start
@@ -919,32 +1180,36 @@ def stage_diffusion(cfg, data, device):
     betas, abar = linear_schedule(cfg.timesteps, cfg.beta_1, cfg.beta_T)
     T, C, null = cfg.timesteps, data.num_classes, data.num_classes
     torch.manual_seed(rng_seed(cfg, "diffusion-init"))
-    model = make_unet(cfg, data).to(device)
-    ema = make_unet(cfg, data).to(device).eval().requires_grad_(False)
+    model = place(make_unet(cfg, data), cfg, device)
+    ema = place(make_unet(cfg, data), cfg, device).eval().requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     opt_ = torch.optim.Adam(model.parameters(), lr=cfg.diffusion_lr)
     # phi: frozen (eval mode: BatchNorm uses its running statistics; no parameter gradients), but
     # differentiable with respect to its input, so L_AID trains the denoiser through it.
     phi = load_classifier(cfg, data, "baseline", device) if cfg.alpha > 0 else None
     start = 0
-    if os.path.isfile(ckpt_path):  # after every model is built: their init draws from the RNG
-        ckpt = lt_data.load_checkpoint(ckpt_path)
+    if os.path.isfile(ckpt_path):  # every rank; after every model is built (init draws the RNG)
+        ckpt = lt_data.load_checkpoint(ckpt_path, keys=("model", "ema", "optimizer", "rng", "step"))
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt_.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"])  # the global RNG drives dropout only
+        torch.set_rng_state(ckpt["rng"])  # the global CPU RNG drives dropout on CPU only
         start = ckpt["step"]
         log(f"diffusion: resuming at step {start}")
-    stats = lt_data.load_checkpoint(os.path.join(cfg.out, "baseline", "stats.pt"))
+    stats = lt_data.load_checkpoint(os.path.join(cfg.out, "baseline", "stats.pt"),
+                                    keys=("centres", "radii"))
     centres, radii = stats["centres"].to(device), stats["radii"].to(device)
     counts = torch.tensor(data.train_counts, dtype=torch.float64)
     # CBDM's target label y': uniform over classes (the paper's balanced target), or the training
     # label frequencies (`--cbdm-prior empirical`, what the official code draws).
     prior = torch.ones(C, dtype=torch.float64) if cfg.cbdm_prior == "uniform" else counts
     flip = data.name != "digits"  # random horizontal flip, as pytorch-ddpm; mirrored digits are not
-    if hasattr(data.train, "images"):
-        source = ((data.train.images[i], data.train.labels[i])
-                  for i in (step_indices(cfg, len(data.train), s)
+    # Each step's global batch of B images; this rank reads and trains on its rows of it.
+    B, rows = cfg.diffusion_batch, my_rows(cfg.diffusion_batch)
+    if hasattr(data.train, "images"):  # in memory: on the device once, not step by step
+        images, labels = data.train.images.to(device), data.train.labels.to(device)
+        source = ((images[i], labels[i])
+                  for i in (step_indices(cfg, len(data.train), s)[rows]
                             for s in range(start, cfg.diffusion_steps)))
     else:
         source = torch.utils.data.DataLoader(
@@ -952,43 +1217,52 @@ def stage_diffusion(cfg, data, device):
                                                   cfg.diffusion_steps), num_workers=cfg.workers)
     n_params = sum(p.numel() for p in model.parameters())
     bar = tqdm(range(start, cfg.diffusion_steps), desc=f"diffusion ({n_params / 1e6:.2f} M)",
-               initial=start, total=cfg.diffusion_steps, unit="step")
+               initial=start, total=cfg.diffusion_steps, unit="step", disable=not is_main())
     total, since, t0, log_every = torch.zeros((), device=device), 0, time.time(), 50
     last_loss = None
     # Test hook: exit abruptly (like kill -9) right after the checkpoint of this step, so the test
     # suite can check that a rerun resumes from it and ends where an uninterrupted run ends.
     exit_at = int(os.environ.get("DIFFULT_EXIT_AFTER_STEP", "0"))
+    net, bf16 = for_training(model, cfg, device), use_bf16(cfg, device)
     model.train()
     for step, (x, y) in zip(bar, source):
         gen = torch.Generator().manual_seed(rng_seed(cfg, "diffusion-step", step))
-        B = len(y)
-        x0 = to_unit(resize(x.to(device).float(), cfg.gen_size))  # (B, C, gen, gen) in [-1, 1]
+        # Every draw is made for the whole global batch and this rank keeps its rows: the ranks'
+        # generators stay in step, and each image gets the draws it gets in one process.
+        x0 = to_unit(resize(x.to(device).float(), cfg.gen_size))  # (b, C, gen, gen) in [-1, 1]
         if flip:
-            x0 = torch.where((torch.rand(B, generator=gen) < 0.5).to(device).view(B, 1, 1, 1),
-                             x0.flip(3), x0)
-        t = torch.randint(T, (B,), generator=gen)  # 0-based step indices, uniform over T steps
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        dropped = torch.rand(B, generator=gen) < cfg.label_dropout
-        y_bal = torch.multinomial(prior, B, replacement=True, generator=gen).to(device)
+            flips = (torch.rand(B, generator=gen)[rows] < 0.5).to(device).view(-1, 1, 1, 1)
+            x0 = torch.where(flips, x0.flip(3), x0)
+        t = torch.randint(T, (B,), generator=gen)[rows]  # 0-based step indices, uniform over T
+        noise = torch.randn((B, *x0.shape[1:]), generator=gen)[rows].to(device)
+        dropped = (torch.rand(B, generator=gen) < cfg.label_dropout)[rows]
+        y_bal = torch.multinomial(prior, B, replacement=True, generator=gen)[rows].to(device)
         y, td = y.to(device), t.to(device)
         y_in = torch.where(dropped.to(device), torch.full_like(y, null), y)
         for g in opt_.param_groups:  # linear warm-up, then constant (pytorch-ddpm / CBDM)
             g["lr"] = cfg.diffusion_lr * min(1.0, (step + 1) / cfg.diffusion_warmup)
+        if device.type != "cpu" or world_size() > 1:
+            # Dropout draws from the device's global generator. In one CPU process that is the
+            # CPU RNG, which the checkpoint keeps; a GPU's generator is not kept, and under DDP
+            # each rank needs a stream of its own. So here it is seeded from (seed, rank, step)
+            # at every step, and a resumed run still repeats an uninterrupted one.
+            torch.manual_seed(rng_seed(cfg, f"dropout-rank{rank()}", step))
 
         x_t = q_sample(x0, t, noise, abar)
-        eps = model(x_t, td, y_in)
-        loss = (eps - noise).square().flatten(1).mean(1)  # DDPM's L_simple, per sample (B,)
-        # CBDM and L_AID act on the samples that kept their label (ours: CBDM's code drops the
-        # label of a whole batch at once and then skips its regulariser for that batch).
-        kept = (~dropped).to(device, x0.dtype)
-        if cfg.tau > 0:
-            eps_bal = model(x_t, td, y_bal)
-            loss = loss + kept * cbdm_loss(eps, eps_bal, t, T, cfg.tau, cfg.gamma)
-        if cfg.alpha > 0:
-            feats = phi.features(phi_input(predict_x0(x_t, t, eps, abar), data, cfg))
-            loss = loss + cfg.alpha * kept * aid_loss(feats, centres[y], radii[y],
-                                                      _at(abar, t, x0).view(B))
-        loss = loss.mean()
+        with autocast(device, bf16):  # model outputs back to fp32: the losses are computed in fp32
+            eps = net(x_t, td, y_in).float()
+            loss = (eps - noise).square().flatten(1).mean(1)  # DDPM's L_simple, per sample (b,)
+            # CBDM and L_AID act on the samples that kept their label (ours: CBDM's code drops the
+            # label of a whole batch at once and then skips its regulariser for that batch).
+            kept = (~dropped).to(device, x0.dtype)
+            if cfg.tau > 0:
+                eps_bal = net(x_t, td, y_bal).float()
+                loss = loss + kept * cbdm_loss(eps, eps_bal, t, T, cfg.tau, cfg.gamma)
+            if cfg.alpha > 0:
+                feats = phi.features(phi_input(predict_x0(x_t, t, eps, abar), data, cfg)).float()
+                loss = loss + cfg.alpha * kept * aid_loss(feats, centres[y], radii[y],
+                                                          _at(abar, t, x0).view(-1))
+        loss = global_mean(loss, B)
         opt_.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -1000,7 +1274,7 @@ def stage_diffusion(cfg, data, device):
         since += 1
         done = step + 1
         if done % log_every == 0 or done % cfg.ckpt_every == 0 or done == cfg.diffusion_steps:
-            last_loss = total.item() / since  # the only host-device sync: once per interval
+            last_loss = synced_mean(total, since)  # the only host-device sync: once per interval
             if not math.isfinite(last_loss):
                 raise FloatingPointError(f"diffusion: loss became {last_loss} before step {done};"
                                          f" the last good checkpoint is kept at {ckpt_path}")
@@ -1009,11 +1283,16 @@ def stage_diffusion(cfg, data, device):
             total.zero_()
             since, t0 = 0, time.time()
         if done % cfg.ckpt_every == 0 or done == cfg.diffusion_steps:
-            lt_data.atomic_save({"model": model.state_dict(), "ema": ema.state_dict(),
-                                 "optimizer": opt_.state_dict(), "step": done,
-                                 "rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg)},
-                                ckpt_path)
+            if not all_finite(model, ema):
+                raise FloatingPointError(f"diffusion: the weights became non-finite by step "
+                                         f"{done}; the last good checkpoint is kept at {ckpt_path}")
+            if is_main():
+                lt_data.atomic_save({"model": model.state_dict(), "ema": ema.state_dict(),
+                                     "optimizer": opt_.state_dict(), "step": done,
+                                     "rng": torch.get_rng_state(),
+                                     "config": dataclasses.asdict(cfg)}, ckpt_path)
             if done == exit_at:
+                barrier()  # every rank exits after rank 0 has saved
                 os._exit(137)
     return {"steps": cfg.diffusion_steps, "parameters": n_params, "final_loss": last_loss}
 
@@ -1034,27 +1313,30 @@ def stage_generate(cfg, data, device):
     betas, abar = linear_schedule(cfg.timesteps, cfg.beta_1, cfg.beta_T)
     ema = make_unet(cfg, data)
     ema.load_state_dict(lt_data.load_checkpoint(
-        os.path.join(cfg.out, "diffusion", "ckpt.pt"))["ema"])
-    ema.to(device).eval()
+        os.path.join(cfg.out, "diffusion", "ckpt.pt"), keys=("ema", "step"))["ema"])
+    place(ema, cfg, device).eval()
     target = cfg.target_count or data.n_max
     plan = generation_plan(data.train_counts, target, cfg.gen_batch)
-    todo = [i for i in range(len(plan))
-            if not os.path.isfile(os.path.join(folder, f"shard_{i:05d}.pt"))]
-    if len(todo) < len(plan):
-        log(f"generate: {len(plan) - len(todo)} of {len(plan)} shards already saved, resuming")
+    saved = [os.path.isfile(os.path.join(folder, f"shard_{i:05d}.pt")) for i in range(len(plan))]
+    if any(saved):
+        log(f"generate: {sum(saved)} of {len(plan)} shards already saved, resuming")
+    # Shard i is generated by rank i % world size, and only that rank writes its file.
+    mine = range(rank(), len(plan), world_size())
+    todo = [i for i in mine if not saved[i]]
     # Test hook: exit abruptly (like kill -9) after this many new shards, so the test suite can
     # check that a rerun resumes from the saved shards.
     exit_after = int(os.environ.get("DIFFULT_EXIT_AFTER_SHARDS", "0"))
     steps = cfg.timesteps if cfg.sampler == "ddpm" else cfg.sample_steps
-    n_images = sum(len(p) for p in plan)
-    bar = tqdm(total=n_images, initial=n_images - sum(len(plan[i]) for i in todo),
-               desc=f"generate ({cfg.sampler}, {steps} steps)", unit="img")
+    n_images, n_mine = sum(len(p) for p in plan), sum(len(plan[i]) for i in mine)
+    bar = tqdm(total=n_mine, initial=n_mine - sum(len(plan[i]) for i in todo),
+               desc=f"generate ({cfg.sampler}, {steps} steps)", unit="img", disable=not is_main())
+    bf16 = use_bf16(cfg, device)
     for n_new, i in enumerate(todo, 1):
         labels = plan[i]
         gen = torch.Generator().manual_seed(rng_seed(cfg, "generate-shard", i))
         x = sample(ema, labels.to(device), betas, abar, gen, cfg.sampler, cfg.sample_steps,
                    cfg.guidance, cfg.eta, null_label=data.num_classes, channels=data.channels,
-                   size=cfg.gen_size)
+                   size=cfg.gen_size, bf16=bf16)
         lt_data.atomic_save({"images": to_uint8(x).cpu(), "labels": labels},
                             os.path.join(folder, f"shard_{i:05d}.pt"))
         bar.update(len(labels))
@@ -1066,12 +1348,34 @@ def stage_generate(cfg, data, device):
 
 
 def load_generated(cfg, data):
-    shards = [lt_data.load_checkpoint(os.path.join(cfg.out, "generate", f"shard_{i:05d}.pt"))
-              for i in range(read_done(cfg, "generate")["shards"])]
-    if not shards:
-        return torch.zeros(0, data.channels, cfg.gen_size, cfg.gen_size, dtype=torch.uint8), \
-            torch.zeros(0, dtype=torch.long)
-    return torch.cat([s["images"] for s in shards]), torch.cat([s["labels"] for s in shards])
+    """All generated images and labels, shard by shard in plan order. Each shard is checked
+    against the generation plan: a shard of another image shape or dtype, or with other labels (a
+    file from another run, say), is BadInput here instead of a crash or a silent mix later on."""
+    C, S = data.channels, cfg.gen_size
+    plan = generation_plan(data.train_counts, cfg.target_count or data.n_max, cfg.gen_batch)
+    images, labels = [], []
+    for i, planned in enumerate(plan):
+        path = os.path.join(cfg.out, "generate", f"shard_{i:05d}.pt")
+        shard = lt_data.load_checkpoint(path, keys=("images", "labels"))
+        x, y = shard["images"], shard["labels"]
+        expected = (len(planned), C, S, S)
+        if not (torch.is_tensor(x) and x.dtype == torch.uint8 and tuple(x.shape) == expected):
+            problem = (f"images {getattr(x, 'dtype', type(x).__name__)} "
+                       f"{tuple(getattr(x, 'shape', ()))}, this run generates uint8 {expected}")
+        elif not (torch.is_tensor(y) and y.dtype == torch.long and y.shape == planned.shape):
+            problem = f"labels that are not {len(planned)} int64 class indices"
+        elif ((y < 0) | (y >= data.num_classes)).any():
+            problem = f"labels outside 0..{data.num_classes - 1}"
+        elif not torch.equal(y, planned):
+            problem = "other labels than this run's generation plan"
+        else:
+            images.append(x)
+            labels.append(y)
+            continue
+        raise BadInput(f"{path} holds {problem}; rerun with --redo generate")
+    if not images:
+        return torch.zeros(0, C, S, S, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
+    return torch.cat(images), torch.cat(labels)
 
 
 def frechet_or_none(a, b):
@@ -1109,7 +1413,8 @@ def stage_filter(cfg, data, device):
     folder = stage_dir(cfg, "filter")
     images, labels = load_generated(cfg, data)
     phi = load_classifier(cfg, data, "baseline", device)
-    stats = lt_data.load_checkpoint(os.path.join(cfg.out, "baseline", "stats.pt"))
+    stats = lt_data.load_checkpoint(os.path.join(cfg.out, "baseline", "stats.pt"),
+                                    keys=("centres", "radii", "feats", "labels"))
     feats = phi_features(phi, images, data, cfg, device)
     dist = (feats - stats["centres"][labels]).norm(dim=1)
     groups = band(dist, stats["radii"][labels])
@@ -1167,7 +1472,8 @@ def stage_classifier(cfg, data, device):
     """Stage 5: a fresh classifier on real + kept synthetic images, the stage-1 recipe with
     weighted CE: w = 1 for real and omega for synthetic samples (weighted_ce)."""
     folder = stage_dir(cfg, "classifier")
-    kept = lt_data.load_checkpoint(os.path.join(cfg.out, "filter", "kept.pt"))
+    kept = lt_data.load_checkpoint(os.path.join(cfg.out, "filter", "kept.pt"),
+                                   keys=("images", "labels"))
     real = data.train
     if hasattr(real, "images") and cfg.gen_size == cfg.image_size:
         dataset = lt_data.TensorImages(torch.cat([real.images, kept["images"]]),
@@ -1203,31 +1509,47 @@ def stage_evaluate(cfg, data, device):
 
 
 def run(cfg):
-    """The whole pipeline: every stage that is not done yet, then results.json and the table."""
+    """The whole pipeline: every stage that is not done yet, then results.json and the table.
+    Under torchrun every rank runs this; rank 0 alone writes the shared files."""
     lt_data.seed_everything(cfg.seed)
-    device = lt_data.pick_device(cfg.device)
-    data = lt_data.load_dataset(cfg.dataset, cfg.data_root, cfg.imb, cfg.seed, cfg.download,
-                                image_size=cfg.image_size)
+    device = dist_setup(cfg)
+    load = (cfg.dataset, cfg.data_root, cfg.imb, cfg.seed)
+    if cfg.download and world_size() > 1:  # one download, by rank 0, before any rank reads it
+        on_main(lambda: lt_data.load_dataset(*load, True, image_size=cfg.image_size))
+    data = agree(lt_data.load_dataset, *load, cfg.download, image_size=cfg.image_size)
     if cfg.eval_split == "val" and data.val is None:
         raise BadInput(f"{cfg.dataset} has no validation split here; use --eval-split test")
     config = dataclasses.asdict(cfg)
     may_change = [f for s in STAGES[STAGES.index(cfg.redo):] for f in REDO_FIELDS.get(s, ())] \
         if cfg.redo else []
-    lt_data.check_run_dir(cfg.out, config, ignore=NOT_RESULTS, may_change=may_change)
-    if cfg.redo:
-        redo_from(cfg, cfg.redo)
-        lt_data.atomic_json(config, os.path.join(cfg.out, "config.json"))  # now it describes all
+
+    def prepare():  # rank 0 alone: the others would race it for config.json and the --redo
+        lt_data.check_run_dir(cfg.out, config, ignore=NOT_RESULTS, may_change=may_change)
+        if cfg.redo:
+            redo_from(cfg, cfg.redo)
+            lt_data.atomic_json(config, os.path.join(cfg.out, "config.json"))  # describes all now
+        return [is_done(cfg, name) for name in STAGES]
+
+    done = from_main(on_main(prepare))  # every rank skips the stages rank 0 found done
     stages = (stage_baseline, stage_diffusion, stage_generate, stage_filter, stage_classifier,
               stage_evaluate)
-    for name, fn in zip(STAGES, stages):
-        if is_done(cfg, name):
+    # filter and evaluate make one pass over the generated or test images, cheap next to the
+    # training stages: rank 0 does them alone while the others wait.
+    alone = ("filter", "evaluate")
+    for name, fn, finished in zip(STAGES, stages, done):
+        if finished:
             log(f"{name}: done, skipped")
             continue
         t0 = time.time()
-        info = fn(cfg, data, device)
-        # Seconds of the process that finished the stage (a resumed stage counts its last part).
-        mark_done(cfg, name, {**info, "seconds": time.time() - t0})
+        info = on_main(fn, cfg, data, device) if name in alone else fn(cfg, data, device)
+        barrier()  # the stage is done when every rank is: e.g. each has saved its shards
+        if is_main():
+            # Seconds of the process that finished the stage (a resumed stage counts its last
+            # part).
+            mark_done(cfg, name, {**info, "seconds": time.time() - t0})
         log(f"{name}: done in {time.time() - t0:.1f} s")
+    if not is_main():
+        return None
     results = {
         "method": "diffult", "dataset": cfg.dataset, "imb": cfg.imb, "seed": cfg.seed,
         "train_counts": data.train_counts,
@@ -1242,18 +1564,25 @@ def run(cfg):
 
 
 def main(argv=None):
+    # Under torchrun every rank meets the same bad input (same flags and files) or is told of it
+    # (agree, on_main) and exits with its code; rank 0 alone prints the line.
     try:
         cfg = parse_config(argv)
         run(cfg)
     except BadInput as e:
-        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        if is_main():
+            print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:  # a diverged loss: say so in one line, keep the checkpoints
-        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        if is_main():
+            print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        if is_main():
+            print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        dist_cleanup()
     return 0
 
 

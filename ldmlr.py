@@ -16,16 +16,20 @@ layer is retrained on real + pseudo features. Stages, each cached in the run dir
 Run:
     python ldmlr.py --dataset digits --imb 20           # offline, 2 CPU cores, < 2 minutes
     python ldmlr.py --dataset cifar100 --imb 100        # the paper's recipe, on a GPU
+    torchrun --nproc_per_node 4 ldmlr.py --dataset cifar100 --imb 100    # on 4 GPUs (DDP)
 
-Measured (digits, r = 20, defaults, test set, mean of seeds 0, 1, 2; overall / Few accuracy %):
-    CE 91.17 / 81.67   LA 92.92 / 86.67   cRT 93.08 / 86.46
-    CE+LDMLR 92.50 / 85.00   LA+LDMLR 93.42 / 87.92
-    median 96 s per run on 2 busy CPU cores with OMP_NUM_THREADS=1 (README: how it was measured).
+Measured on digits, r = 20, test top-1 %, mean of seeds 0, 1, 2 (overall / Few), with
+OMP_NUM_THREADS=1 DATASETS=digits RATIOS=20 SEEDS="0 1 2" bash run_all.sh (README):
+    CE 93.17 / 84.79   LA 94.33 / 87.71   cRT 94.17 / 87.29
+    CE+LDMLR 94.83 / 89.17   LA+LDMLR 94.67 / 88.54
+One run takes 33 s on two idle CPU cores (median of 3, /usr/bin/time).
 """
 import argparse
 import copy
 import dataclasses
+import datetime
 import json
+import math
 import os
 import shutil
 import sys
@@ -34,8 +38,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import lt_data
@@ -68,6 +74,13 @@ class Config:
     eval_split: str = opt("test", "evaluate on the test set, or on the validation split carved "
                           "from the training data (digits, ImageNet-LT) when tuning", ("test", "val"))
     workers: int = opt(4, "DataLoader workers for datasets read from disk (ImageNet-LT)")
+    precision: str = opt("auto", "forward passes of training and sampling in bf16 autocast or "
+                         "fp32; auto = bf16 on CUDA devices that support it, else fp32",
+                         ("auto", "fp32", "bf16"))
+    channels_last: str = opt("auto", "channels_last memory format for the encoder (a conv net); "
+                             "auto = on CUDA only", ("auto", "on", "off"))
+    compile: bool = opt(False, "torch.compile the training models (compiling takes minutes; "
+                        "pays off on long GPU runs)")
     # ---- stage 1 classifier, the recipe of Cao et al. 2019 (LDAM-DRW) for ResNet-32 on CIFAR-LT
     arch: str = opt(None, "classifier backbone", ("resnet32", "resnet10", "resnet50"))
     epochs: int = opt(None, "classifier epochs (paper: 200 on CIFAR)")
@@ -99,7 +112,8 @@ class Config:
     generate_for: str = opt("all", "generate for all classes or one shot group only (the paper "
                             "finds tail-focused generation helps most)",
                             ("all", "many", "medium", "few"))
-    fill: bool = opt(False, "top every chosen class up to n_max instead of the ratio rule")
+    fill: bool = opt(False, "top every chosen class up to n_max instead of the ratio rule "
+                     "(digits default, with --generate-for few; --no-fill for the ratio rule)")
     ft_epochs: int = opt(None, "final-layer retraining epochs (official code: 400)")
     ft_lr: float = opt(1e-3, "final-layer Adam learning rate (paper: 1e-3)")
     ft_weight_decay: float = opt(1e-5, "final-layer Adam weight decay (paper: 1e-5)")
@@ -133,20 +147,30 @@ METHOD_DEFAULTS = {
     "imagenet_lt": dict(diff_steps=100000, diff_batch=512, diff_lr=1e-3, diff_width=1024,
                         diff_blocks=4, diff_ema=0.9995, ckpt_every=5000, sample_steps=100,
                         ft_epochs=400),
-    # digits: budgets for 2 CPU cores, checked on the val split (3 seeds): width 128 matches 256 in
-    # accuracy at 2.5x less diffusion time; the paper's ratio rule is kept (README: --fill).
+    # digits: budgets for 2 CPU cores. The generation setting was chosen on the validation split
+    # (seeds 0-2, README "How the digits defaults were chosen"): filling the Few classes up to
+    # n_max beat the ratio rule, filling all classes, and ratio 1 on all or Few classes.
     "digits": dict(diff_steps=3000, diff_batch=256, diff_lr=1e-3, diff_width=128, diff_blocks=3,
-                   diff_ema=0.999, ckpt_every=500, sample_steps=50, ft_epochs=400),
+                   diff_ema=0.999, ckpt_every=500, sample_steps=50, ft_epochs=400, fill=True,
+                   generate_for="few"),
 }
 for _name, _values in METHOD_DEFAULTS.items():
     DEFAULTS[_name].update(_values)
 SMOKE = dict(epochs=2, diff_steps=40, diff_width=64, diff_blocks=1, ckpt_every=20, sample_steps=5,
              ft_epochs=5)
 # Fields that do not change results: a run directory may be reused with other values of them.
-NOT_RESULTS = ("out", "device", "data_root", "download", "redo", "workers")
+# channels_last and compile are here because they change which kernels compute the same operations
+# (another memory layout, summation order or convolution algorithm), not the operations: the
+# numbers then differ as they do between two devices, and --device is here too. precision is not:
+# bf16 keeps 8 significant bits, and that is another computation.
+NOT_RESULTS = ("out", "device", "data_root", "download", "redo", "workers", "channels_last",
+               "compile")
 # Fields that no stage before the named one reads: `--redo STAGE` may change them in an existing run
-# directory (e.g. --redo generate --ratio 0.5 reuses the trained encoder and denoiser).
-REDO_FIELDS = {"generate": ("sample_steps", "eta", "clip_x0", "ratio", "generate_for", "fill"),
+# directory (--redo diffusion --diff-width 256 reuses the encoder and its features; --redo generate
+# --ratio 0.5 reuses the trained denoiser too).
+REDO_FIELDS = {"diffusion": ("timesteps", "diff_steps", "diff_batch", "diff_lr", "diff_width",
+                             "diff_blocks", "diff_ema", "diff_sampling", "ckpt_every"),
+               "generate": ("sample_steps", "eta", "clip_x0", "ratio", "generate_for", "fill"),
                "finetune": ("ft_epochs", "ft_lr", "ft_weight_decay", "ft_batch"),
                "evaluate": ("tau", "eval_split")}
 
@@ -160,20 +184,28 @@ def parse_config(argv=None, method="ldmlr"):
     parser = ArgParser(description=__doc__.splitlines()[0])
     for f in dataclasses.fields(Config):
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
-        if f.type is bool or f.type == "bool":
-            parser.add_argument(flag, action="store_true", help=meta["help"])
+        if f.type is bool or f.type == "bool":  # --fill / --no-fill: a default may be either
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=meta["help"].replace("%", "%%"))
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             parser.add_argument(flag, type=typ, default=None, choices=meta["choices"],
-                                help=meta["help"])
+                                help=meta["help"].replace("%", "%%"))
     args = vars(parser.parse_args(argv))
     dataset = args["dataset"] or Config.dataset
     values = {f.name: f.default for f in dataclasses.fields(Config)}
     values.update(DEFAULTS[dataset])
     if args["smoke"]:
         values.update(SMOKE)
-    values.update({k: v for k, v in args.items() if v is not None and v is not False})
+    values.update({k: v for k, v in args.items() if v is not None})
     cfg = Config(**values)
+    # nan fails every comparison below unnoticed and inf passes most: floats must be finite first
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise BadInput(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
+    if not 0 <= cfg.seed < 2 ** 32:
+        raise BadInput(f"--seed must be in 0 .. 2^32 - 1 (numpy's seed range), got {cfg.seed}")
     if cfg.imb < 1:
         raise BadInput(f"--imb must be >= 1 (head/tail ratio), got {cfg.imb}")
     for name in ("epochs", "batch_size", "image_size"):
@@ -192,10 +224,10 @@ def parse_config(argv=None, method="ldmlr"):
         raise BadInput(f"--eta must be in [0, 1], got {cfg.eta}")
     if not 0 <= cfg.diff_ema < 1:
         raise BadInput(f"--diff-ema must be in [0, 1), got {cfg.diff_ema}")
-    for name in ("mixup", "ratio", "ft_weight_decay"):
+    for name in ("mixup", "ratio", "ft_weight_decay", "weight_decay", "warmup_epochs", "workers"):
         if getattr(cfg, name) < 0:
             raise BadInput(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
-    for name in ("diff_lr", "ft_lr"):
+    for name in ("lr", "diff_lr", "ft_lr"):
         if not getattr(cfg, name) > 0:
             raise BadInput(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
     if cfg.out is None:
@@ -328,7 +360,7 @@ def timestep_embedding(t, dim):
     """Sinusoidal embedding of the integer step t (Vaswani et al. 2017, as used by Ho et al. 2020):
     [cos(t w_k), sin(t w_k)] with w_k = 10000^(-k / (dim / 2)). t: (B,) -> (B, dim)."""
     half = dim // 2
-    freqs = torch.exp(-np.log(10000.0) * torch.arange(half, device=t.device) / half)  # (half,)
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)  # (half,)
     args = t.float()[:, None] * freqs[None]  # (B, half)
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
 
@@ -426,11 +458,12 @@ def ddim_step(x_t, eps, abar_t, abar_prev, eta, noise, x0_range=None):
 
 
 @torch.no_grad()
-def ddim_sample(model, y, dim, abar, steps, eta, generator, x=None, x0_range=None):
+def ddim_sample(model, y, dim, abar, steps, eta, generator, x=None, x0_range=None, bf16=False):
     """Draw x0 for labels y (B,) with `steps` DDIM steps over T (Song et al. 2021, eq. 12).
     The steps are T-1, ..., 0 evenly spaced, so the first step always starts from pure noise
     (ours; the DDIM paper spaces them from 0 and may never visit t = T). x: optional x_T (B, dim);
-    all noise comes from the CPU `generator`; x0_range: see ddim_step."""
+    all noise comes from the CPU `generator`; x0_range: see ddim_step. bf16: the model runs in
+    bf16 autocast; the update steps stay in fp32."""
     device = y.device
     T = len(abar)
     ts = torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long().unique_consecutive()
@@ -438,7 +471,8 @@ def ddim_sample(model, y, dim, abar, steps, eta, generator, x=None, x0_range=Non
         x = torch.randn(len(y), dim, generator=generator).to(device)
     for k, i in enumerate(ts.tolist()):
         abar_prev = abar[ts[k + 1]].item() if k + 1 < len(ts) else 1.0
-        eps = model(x, torch.full((len(y),), i, device=device, dtype=torch.long), y)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            eps = model(x, torch.full((len(y),), i, device=device, dtype=torch.long), y).float()
         noise = torch.randn(x.shape, generator=generator).to(device) if eta > 0 else 0.0
         x = ddim_step(x, eps, abar[i].item(), abar_prev, eta, noise, x0_range)
     return x
@@ -448,38 +482,60 @@ def ddim_sample(model, y, dim, abar, steps, eta, generator, x=None, x0_range=Non
 # Batches: uint8 images from lt_data, augmented and normalised on the device.
 
 
-def batches(dataset, batch_size, generator=None, workers=0):
+def batches(dataset, batch_size, generator=None, workers=0, shard=False):
     """Yield (uint8 images, labels, indices). Shuffled with `generator` if given, else in order.
-    In-memory datasets are sliced directly; datasets on disk go through a DataLoader."""
+    In-memory datasets are sliced directly; datasets on disk go through a DataLoader. shard=True
+    (training under several processes): `indices` is the whole global batch, the images and labels
+    only this rank's rows of it (my_rows)."""
     n = len(dataset)
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    if hasattr(dataset, "images"):
-        for i in range(0, n, batch_size):
-            idx = order[i:i + batch_size]
-            yield dataset.images[idx], dataset.labels[idx], idx
-        return
     chunks = list(order.split(batch_size))
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=[c.tolist() for c in chunks],
-                                         num_workers=workers)
-    for (x, y), idx in zip(loader, chunks):
-        yield x, y, idx
+    mine = [c[my_rows(len(c))] for c in chunks] if shard else chunks
+    if hasattr(dataset, "images"):
+        for idx, rows in zip(chunks, mine):
+            yield dataset.images[rows], dataset.labels[rows], idx
+        return
+    loader = iter(torch.utils.data.DataLoader(
+        dataset, batch_sampler=[m.tolist() for m in mine if len(m)], num_workers=workers))
+    for idx, rows in zip(chunks, mine):
+        if len(rows):  # a rank with no row of a small last batch yields an empty slice instead
+            x, y = next(loader)
+        yield x[:len(rows)], y[:len(rows)], idx
 
 
-def augment(x, generator, pad, flip):
-    """Random crop with `pad` zero padding and (if flip) horizontal flip, per sample.
-    x: uint8 (B, C, H, W) on any device; the random draws come from the CPU `generator`."""
+def augment_draws(n, generator, pad, flip):
+    """The random draws of augment() for n samples, from the CPU `generator`: crop offsets dy, dx
+    and (if flip, else None) flip flags, each (n, 1, 1, 1). Drawn for a whole global batch, they
+    are applied to any rows of it with [d[rows] for d in draws]."""
+    dy = torch.randint(0, 2 * pad + 1, (n, 1, 1, 1), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n, 1, 1, 1), generator=generator)
+    m = (torch.rand(n, generator=generator) < 0.5).view(n, 1, 1, 1) if flip else None
+    return dy, dx, m
+
+
+def augment(x, draws, pad):
+    """Random crop with `pad` zero padding and horizontal flip, per sample: x uint8 (B, C, H, W) on
+    any device, draws = augment_draws(B, ...) (or rows of it) for these B samples."""
     B, C, H, W = x.shape
+    dy, dx, m = (d if d is None else d.to(x.device) for d in draws)
     xp = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (B, 1, 1, 1), generator=generator).to(x.device)
-    dx = torch.randint(0, 2 * pad + 1, (B, 1, 1, 1), generator=generator).to(x.device)
     rows = (dy + torch.arange(H, device=x.device).view(1, 1, H, 1)).expand(B, C, H, W + 2 * pad)
     x = xp.gather(2, rows)  # (B, C, H, W + 2 pad)
     cols = (dx + torch.arange(W, device=x.device).view(1, 1, 1, W)).expand(B, C, H, W)
     x = x.gather(3, cols)  # (B, C, H, W)
-    if flip:
-        m = (torch.rand(B, generator=generator) < 0.5).to(x.device).view(B, 1, 1, 1)
+    if m is not None:
         x = torch.where(m, x.flip(3), x)
     return x
+
+
+def read_rows(dataset, idx):
+    """(uint8 images, labels) of the dataset rows idx, read directly."""
+    if hasattr(dataset, "images"):
+        return dataset.images[idx], dataset.labels[idx]
+    if len(idx) == 0:
+        return dataset[0][0][None, :0], torch.zeros(0, dtype=torch.long)
+    x, y = torch.utils.data.default_collate([dataset[i] for i in idx.tolist()])
+    return x, y
 
 
 def normalise(x, mean, std):
@@ -487,6 +543,158 @@ def normalise(x, mean, std):
     mean = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
     std = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
     return (x.float() / 255.0 - mean) / std
+
+
+# -------------------------------------------------------------------------------------------------
+# Several processes and the speed switches. `torchrun --nproc_per_node N ldmlr.py ...` starts N
+# processes (ranks), one per device. The training stages run on every rank under
+# DistributedDataParallel (DDP): every rank draws the same global batch from the same seeded
+# generators and computes the loss of its own rows of it; DDP averages the gradients. Rank 0 alone
+# writes the files every rank shares. A plain `python ldmlr.py` is one rank, and all of this then
+# leaves its computation as it was.
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank():
+    # Before the process group exists (while parsing flags) torchrun's RANK says which one we are.
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
+def is_main():
+    return rank() == 0
+
+
+def barrier():
+    """Wait until every rank is here (e.g. until rank 0 has written what the others read next)."""
+    if world_size() > 1:
+        dist.barrier()
+
+
+def from_main(value):
+    """Rank 0's `value` (small, picklable) on every rank, so that all ranks take its decisions."""
+    if world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def agree(fn, *args, **kwargs):
+    """fn(*args, **kwargs) on every rank. A BadInput or diverged loss it raises on any rank is
+    raised on all of them: every rank then exits with its exit code (and rank 0 prints it),
+    instead of waiting at the next collective for a rank that has gone."""
+    result, error = None, None
+    try:
+        result = fn(*args, **kwargs)
+    except (BadInput, FloatingPointError) as e:
+        error = e
+    if world_size() > 1:
+        errors = [None] * world_size()
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise error
+    return result
+
+
+def on_main(fn, *args):
+    """fn(*args) on rank 0 alone while the others wait (errors shared as by agree); its result on
+    rank 0, None elsewhere."""
+    return agree(lambda: fn(*args) if is_main() else None)
+
+
+def dist_setup(cfg):
+    """This process's device. Under torchrun (WORLD_SIZE > 1) also join the process group: NCCL
+    with one GPU per process, GPU number LOCAL_RANK, on CUDA; gloo on CPU."""
+    device = lt_data.pick_device(cfg.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise BadInput(f"several processes need --device cuda or cpu, not {device.type}")
+    if not dist.is_initialized():
+        # Long timeout: the other ranks wait at a barrier while rank 0 alone encodes every split,
+        # which on ImageNet-LT (~185 k images) can outlast the default 10 minutes of NCCL.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(hours=2))
+    if min(cfg.batch_size, cfg.diff_batch) < world_size():
+        raise BadInput(f"--batch-size and --diff-batch must be at least the number of processes, "
+                       f"{world_size()}")
+    return device
+
+
+def dist_cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def my_rows(n):
+    """This rank's rows of a global batch of n samples, a slice: the ranks take consecutive blocks
+    of n // world rows, the first n % world ranks one row more (so rank 0 always has rows; another
+    rank may have none when n < world size, and then still takes part in DDP's averaging)."""
+    q, extra = divmod(n, world_size())
+    start = rank() * q + min(rank(), extra)
+    return slice(start, start + q + (rank() < extra))
+
+
+def global_mean(loss, n):
+    """The mean over a global batch of n samples of the per-sample `loss` (this rank's rows).
+    DDP averages the ranks' gradients, so each rank returns its sum times world size / n: their
+    average is then exactly the gradient of the global mean, also when n does not divide evenly
+    (a per-rank mean would weigh the samples of a rank with fewer rows more). One process: the
+    plain mean."""
+    if world_size() == 1:
+        return loss.mean()
+    return loss.sum() * (world_size() / n)
+
+
+def synced_mean(total, count):
+    """total / count, averaged over ranks (each rank holds its global_mean sums): the one
+    host-device sync of a log interval. Every rank gets the same number, so a diverged loss stops
+    all ranks together."""
+    if world_size() > 1:
+        dist.all_reduce(total)
+        total = total / world_size()
+    return total.item() / count
+
+
+def use_bf16(cfg, device):
+    """--precision: bf16 autocast, or fp32. auto = bf16 on CUDA devices that support it, so CPU
+    runs compute exactly as without the switch."""
+    bf16_ok = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if cfg.precision == "bf16" and not bf16_ok:
+        raise BadInput(f"--precision bf16 is not supported on {device}; use --precision fp32")
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"
+                                       and bf16_ok)
+
+
+def autocast(device, bf16):
+    """Context for a forward pass: with bf16, matrix products and convolutions run in bf16 (losses,
+    norms and softmax stay fp32, autocast's rules); without, nothing changes."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def place(model, cfg, device):
+    """`model` on the device, in channels_last memory format if --channels-last says so (auto: on
+    CUDA, where cuDNN's convolutions, tensor-core ones above all, are faster in it). A convolution
+    with channels_last weights returns channels_last activations: the inputs need no conversion."""
+    model.to(device)
+    if cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda"):
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def for_training(model, cfg, device):
+    """What a training loop calls: `model` wrapped in DDP under several processes, and compiled
+    with --compile. The wrappers share `model`'s weights, so checkpoints keep saving `model`."""
+    net = DDP(model, device_ids=[device] if device.type == "cuda" else None) \
+        if world_size() > 1 else model
+    return torch.compile(net) if cfg.compile else net
 
 
 # -------------------------------------------------------------------------------------------------
@@ -516,6 +724,13 @@ def weighted_ce(logits, y, idx, weights):
     return loss if weights is None else loss * weights[idx].to(logits.device)
 
 
+def all_finite(*modules):
+    """True if every floating-point weight and buffer of the modules is finite. Checked before
+    each checkpoint is written: an update can overflow although the loss before it was finite."""
+    return all(bool(torch.isfinite(v).all()) for m in modules for v in m.state_dict().values()
+               if v.is_floating_point())
+
+
 def train_classifier(model, dataset, data, cfg, device, ckpt_path, weights=None, desc="classifier",
                      mixup_alpha=0.0):
     """Train `model` on `dataset` (uint8 images) with loss = mean_i w_i * CE_i (w = 1 if weights is
@@ -523,19 +738,33 @@ def train_classifier(model, dataset, data, cfg, device, ckpt_path, weights=None,
     official LDMLR code uses 0.5); 0 = off, and then no extra random draw is made. One checkpoint
     per epoch; a rerun resumes from the last one. The batch order, the augmentation and the mixup
     draws of epoch e come from a generator seeded with (seed, e), so a resumed run matches an
-    uninterrupted one."""
-    model.to(device)
+    uninterrupted one. Under several processes every rank makes all these draws for the whole
+    global batch and trains on its own rows of it (my_rows, global_mean)."""
+    place(model, cfg, device)
+    if world_size() > 1 and device.type == "cuda":
+        # SyncBatchNorm: batch statistics over the global batch, as one process computes them.
+        # Per-rank BatchNorm would normalise each rank's rows by the statistics of those rows
+        # alone, a smaller, noisier batch that changes with the number of GPUs. torch implements
+        # SyncBatchNorm for GPUs only; on CPU (gloo) each rank keeps per-rank statistics.
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     opt_ = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9,
                            weight_decay=cfg.weight_decay)
     start = 0
-    if os.path.isfile(ckpt_path):
-        ckpt = lt_data.load_checkpoint(ckpt_path)
+    if os.path.isfile(ckpt_path):  # every rank resumes from the same checkpoint
+        ckpt = lt_data.load_checkpoint(ckpt_path, keys=("model", "optimizer", "epoch"))
         model.load_state_dict(ckpt["model"])
         opt_.load_state_dict(ckpt["optimizer"])
         start = ckpt["epoch"] + 1
+        if is_main():
+            print(f"[{desc}] resuming after {start} of {cfg.epochs} epochs")
+    net, bf16 = for_training(model, cfg, device), use_bf16(cfg, device)
+    if hasattr(dataset, "images"):  # in memory: on the device once, not batch by batch
+        dataset = lt_data.TensorImages(dataset.images.to(device), dataset.labels.to(device))
+    weights = None if weights is None else weights.to(device)
     pad, flip = max(1, data.image_size // 8), data.name != "digits"  # mirrored digits are not digits
     steps_per_epoch = -(-len(dataset) // cfg.batch_size)
-    bar = tqdm(range(start, cfg.epochs), desc=desc, initial=start, total=cfg.epochs, unit="ep")
+    bar = tqdm(range(start, cfg.epochs), desc=desc, initial=start, total=cfg.epochs, unit="ep",
+               disable=not is_main())
     for epoch in bar:
         for g in opt_.param_groups:
             g["lr"] = lr_at(epoch, cfg)
@@ -543,30 +772,46 @@ def train_classifier(model, dataset, data, cfg, device, ckpt_path, weights=None,
         gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
         total = torch.zeros((), device=device)
         t0 = time.time()
-        for x, y, idx in batches(dataset, cfg.batch_size, gen, cfg.workers):
-            x = normalise(augment(x.to(device, non_blocking=True), gen, pad, flip),
+        for x, y, idx in batches(dataset, cfg.batch_size, gen, cfg.workers, shard=True):
+            B, rows = len(idx), my_rows(len(idx))  # idx: the global batch; x, y: this rank's rows
+            crop = augment_draws(B, gen, pad, flip)
+            x = normalise(augment(x.to(device, non_blocking=True),
+                                  [d if d is None else d[rows] for d in crop], pad),
                           data.mean, data.std)
             y = y.to(device, non_blocking=True)
             if mixup_alpha > 0:
-                lam, perm = mixup_draw(mixup_alpha, len(y), gen)
-                x = lam * x + (1 - lam) * x[perm.to(device)]
-                out = model(x)
-                loss = (lam * weighted_ce(out, y, idx, weights)
-                        + (1 - lam) * weighted_ce(out, y[perm.to(device)], idx[perm], weights))
-            else:
-                loss = weighted_ce(model(x), y, idx, weights)
-            loss = loss.mean()
+                lam, perm = mixup_draw(mixup_alpha, B, gen)
+                pair = perm[rows]  # the partners of this rank's rows, anywhere in the global batch
+                if world_size() == 1:
+                    x_pair, y_pair = x[pair.to(device)], y[pair.to(device)]
+                else:  # partners may be rows of other ranks: read and augment them here
+                    x_pair, y_pair = read_rows(dataset, idx[pair])
+                    x_pair = normalise(augment(x_pair.to(device),
+                                               [d if d is None else d[pair] for d in crop], pad),
+                                       data.mean, data.std)
+                    y_pair = y_pair.to(device)
+                x = lam * x + (1 - lam) * x_pair
+            with autocast(device, bf16):
+                out = net(x).float()  # (rows, classes); the loss in fp32
+            loss = weighted_ce(out, y, idx[rows], weights)
+            if mixup_alpha > 0:
+                loss = lam * loss + (1 - lam) * weighted_ce(out, y_pair, idx[pair], weights)
+            loss = global_mean(loss, B)
             opt_.zero_grad(set_to_none=True)
             loss.backward()
             opt_.step()
             total += loss.detach()
-        mean_loss = total.item() / steps_per_epoch  # one sync per epoch, not per step
-        if not torch.isfinite(torch.tensor(mean_loss)):
+        mean_loss = synced_mean(total, steps_per_epoch)  # one sync per epoch, not per step
+        if not math.isfinite(mean_loss):
             raise FloatingPointError(f"{desc}: loss became {mean_loss} in epoch {epoch}; the last "
                                      f"good checkpoint is kept at {ckpt_path}")
+        if not all_finite(model):
+            raise FloatingPointError(f"{desc}: the weights became non-finite in epoch {epoch}; the "
+                                     f"last good checkpoint is kept at {ckpt_path}")
         bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{len(dataset) / (time.time() - t0):.0f}")
-        lt_data.atomic_save({"model": model.state_dict(), "optimizer": opt_.state_dict(),
-                             "epoch": epoch, "config": dataclasses.asdict(cfg)}, ckpt_path)
+        if is_main():
+            lt_data.atomic_save({"model": model.state_dict(), "optimizer": opt_.state_dict(),
+                                 "epoch": epoch, "config": dataclasses.asdict(cfg)}, ckpt_path)
     return model
 
 
@@ -586,13 +831,19 @@ def predict(model, dataset, data, device, batch_size=512, workers=0):
 # Losses and the small training loops of LDMLR: the denoiser on features, the linear head.
 
 
-def diffusion_loss(model, x0, y, abar, generator):
+def diffusion_loss(model, x0, y, abar, generator, rows=slice(None)):
     """Simplified DDPM objective (Ho et al. 2020, Algorithm 1 / eq. 14):
     E_{t, eps} ||eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, y)||^2,
-    t uniform over the T steps, eps ~ N(0, I); the draws come from the CPU `generator`."""
+    t uniform over the T steps, eps ~ N(0, I); the draws come from the CPU `generator`. Under
+    several processes x0, y are the global batch: the draws are made for all of it, and the loss
+    covers this rank's `rows` (my_rows), scaled for DDP's averaging (global_mean)."""
     t = torch.randint(0, len(abar), (len(x0),), generator=generator).to(x0.device)
     eps = torch.randn(x0.shape, generator=generator).to(x0.device)
-    return F.mse_loss(model(q_sample(x0, t, eps, abar), t, y), eps)
+    n, x0, y, t, eps = len(x0), x0[rows], y[rows], t[rows], eps[rows]
+    pred = model(q_sample(x0, t, eps, abar), t, y).float()  # fp32 also under bf16 autocast
+    if world_size() == 1:
+        return F.mse_loss(pred, eps)
+    return global_mean(F.mse_loss(pred, eps, reduction="none").mean(1), n)
 
 
 def balanced_indices(labels, n, generator):
@@ -650,7 +901,7 @@ def train_linear(fc, feats, labels, cfg, device, seed, balanced=False, desc="fin
             mean_loss = total.item() / -(-n // cfg.ft_batch)
             if not torch.isfinite(torch.tensor(mean_loss)):
                 raise FloatingPointError(f"{desc}: loss became {mean_loss} in epoch {epoch}")
-            bar.set_postfix(loss=f"{mean_loss:.3f}")
+            bar.set_postfix(loss=f"{mean_loss:.3g}")
     return fc.cpu()
 
 
@@ -673,8 +924,12 @@ def mark_done(cfg, stage, info):
 
 
 def read_done(cfg, stage):
-    with open(os.path.join(cfg.out, stage, "done.json")) as f:
-        return json.load(f)
+    path = os.path.join(cfg.out, stage, "done.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        raise BadInput(f"{path} is unreadable; rerun with --redo {stage}") from None
 
 
 def redo_from(cfg, stage):
@@ -697,7 +952,33 @@ def print_table(rows):
 
 def load_features(cfg):
     """What the encode stage saved: {split: {"features", "labels", "logits"}, "fc": CE head}."""
-    return lt_data.load_checkpoint(os.path.join(cfg.out, "encode", "features.pt"))
+    return lt_data.load_checkpoint(os.path.join(cfg.out, "encode", "features.pt"), keys=("train",))
+
+
+def load_pseudo(cfg, data, dim):
+    """What the generate stage saved: {"features", "labels", "counts"}, checked. A file of another
+    feature size, with labels outside the classes or other counts than this run generates (from
+    another run, say) is BadInput here instead of a crash or a silent mix in the final layer."""
+    path = os.path.join(cfg.out, "generate", "pseudo.pt")
+    pseudo = lt_data.load_checkpoint(path, keys=("features", "labels", "counts"))
+    x, y, counts = pseudo["features"], pseudo["labels"], pseudo["counts"]
+    C = data.num_classes
+    expected = generation_counts(data.train_counts, cfg.ratio, cfg.generate_for, cfg.fill,
+                                 data.n_max)
+    if not (torch.is_tensor(x) and x.is_floating_point() and x.ndim == 2 and x.shape[1] == dim):
+        problem = (f"features {getattr(x, 'dtype', type(x).__name__)} "
+                   f"{tuple(getattr(x, 'shape', ()))}, the encoder's are float (N, {dim})")
+    elif not torch.isfinite(x).all():
+        problem = "non-finite features"
+    elif not (torch.is_tensor(y) and y.dtype == torch.long and y.shape == (len(x),)):
+        problem = f"labels that are not {len(x)} int64 class indices"
+    elif ((y < 0) | (y >= C)).any():
+        problem = f"labels outside 0..{C - 1}"
+    elif torch.bincount(y, minlength=C).tolist() != expected or list(counts) != expected:
+        problem = f"other per-class counts than this run generates ({expected})"
+    else:
+        return pseudo
+    raise BadInput(f"{path} holds {problem}; rerun with --redo generate")
 
 
 def ce_head(enc, num_classes):
@@ -716,15 +997,16 @@ def stage_encoder(cfg, data, device):
     model = make_classifier(cfg.arch, data.num_classes, data.channels)
     train_classifier(model, data.train, data, cfg, device, os.path.join(folder, "ckpt.pt"),
                      desc="encoder", mixup_alpha=cfg.mixup)
-    lt_data.atomic_save({"model": model.state_dict(), "config": dataclasses.asdict(cfg)},
-                        os.path.join(folder, "model.pt"))
+    if is_main():
+        lt_data.atomic_save({"model": model.state_dict(), "config": dataclasses.asdict(cfg)},
+                            os.path.join(folder, "model.pt"))
     return {"epochs": cfg.epochs}
 
 
 def stage_encode(cfg, data, device):
     """Stage 2: penultimate features (un-augmented images) and CE logits of every split."""
     model = make_classifier(cfg.arch, data.num_classes, data.channels)
-    ckpt = lt_data.load_checkpoint(os.path.join(cfg.out, "encoder", "model.pt"))
+    ckpt = lt_data.load_checkpoint(os.path.join(cfg.out, "encoder", "model.pt"), keys=("model",))
     model.load_state_dict(ckpt["model"])
     out = {"fc": {k: v.cpu() for k, v in model.fc.state_dict().items()}}
     for split in ("train", "val", "test"):
@@ -755,13 +1037,16 @@ def stage_diffusion(cfg, data, device):
     opt_ = torch.optim.Adam(model.parameters(), lr=cfg.diff_lr)
     gen = torch.Generator().manual_seed(cfg.seed * 100003 + 7)
     step, ckpt_path = 0, os.path.join(folder, "ckpt.pt")
-    if os.path.isfile(ckpt_path):
-        ckpt = lt_data.load_checkpoint(ckpt_path)
+    if os.path.isfile(ckpt_path):  # every rank resumes from the same checkpoint
+        ckpt = lt_data.load_checkpoint(ckpt_path,
+                                       keys=("model", "ema", "optimizer", "generator", "step"))
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt_.load_state_dict(ckpt["optimizer"])
         gen.set_state(ckpt["generator"])
         step = ckpt["step"]
+        if is_main():
+            print(f"[diffusion] resuming at step {step}")
     # Uniform minibatches over instances by default, as the official code: with the class
     # embedding the model still learns every class, and each tail feature is still seen thousands
     # of times; class-balanced batches (--diff-sampling balanced) would replay the 5-sample tail
@@ -769,11 +1054,15 @@ def stage_diffusion(cfg, data, device):
     n, log_every = len(y_all), min(100, cfg.ckpt_every)
     total, since, mean_loss = torch.zeros((), device=device), 0, None
     bar = tqdm(range(step, cfg.diff_steps), desc="diffusion", initial=step, total=cfg.diff_steps,
-               unit="step")
+               unit="step", disable=not is_main())
+    # Every rank draws the same global batch idx from `gen` and trains on its rows of it.
+    net, bf16 = for_training(model, cfg, device), use_bf16(cfg, device)
+    rows = my_rows(cfg.diff_batch)
     for step in bar:
         idx = (balanced_indices(labels, cfg.diff_batch, gen) if cfg.diff_sampling == "balanced"
                else torch.randint(0, n, (cfg.diff_batch,), generator=gen)).to(device)
-        loss = diffusion_loss(model, x_all[idx], y_all[idx], abar, gen)
+        with autocast(device, bf16):
+            loss = diffusion_loss(net, x_all[idx], y_all[idx], abar, gen, rows)
         opt_.zero_grad(set_to_none=True)
         loss.backward()
         opt_.step()
@@ -787,23 +1076,28 @@ def stage_diffusion(cfg, data, device):
         since += 1
         done = step + 1
         if done % log_every == 0 or done % cfg.ckpt_every == 0 or done == cfg.diff_steps:
-            mean_loss = total.item() / since  # one sync per log interval
-            if not torch.isfinite(torch.tensor(mean_loss)):
+            mean_loss = synced_mean(total, since)  # one sync per log interval
+            if not math.isfinite(mean_loss):
                 raise FloatingPointError(f"diffusion: loss became {mean_loss} near step {done}; "
                                          f"the last good checkpoint is kept at {ckpt_path}")
             bar.set_postfix(loss=f"{mean_loss:.4f}")
             total, since = torch.zeros((), device=device), 0
         if done % cfg.ckpt_every == 0 or done == cfg.diff_steps:
-            lt_data.atomic_save({"model": model.state_dict(), "ema": ema.state_dict(),
-                                 "optimizer": opt_.state_dict(), "step": done,
-                                 "generator": gen.get_state(), "mu": mu, "sd": sd,
-                                 "config": dataclasses.asdict(cfg)}, ckpt_path)
+            if not all_finite(model, ema):
+                raise FloatingPointError(f"diffusion: the weights became non-finite by step "
+                                         f"{done}; the last good checkpoint is kept at {ckpt_path}")
+            if is_main():
+                lt_data.atomic_save({"model": model.state_dict(), "ema": ema.state_dict(),
+                                     "optimizer": opt_.state_dict(), "step": done,
+                                     "generator": gen.get_state(), "mu": mu, "sd": sd,
+                                     "config": dataclasses.asdict(cfg)}, ckpt_path)
     return {"steps": cfg.diff_steps, "final_loss": mean_loss}
 
 
 def load_denoiser(cfg, data, dim, device):
     """The EMA denoiser and the standardisation of the diffusion stage."""
-    ckpt = lt_data.load_checkpoint(os.path.join(cfg.out, "diffusion", "ckpt.pt"))
+    ckpt = lt_data.load_checkpoint(os.path.join(cfg.out, "diffusion", "ckpt.pt"),
+                                   keys=("ema", "mu", "sd"))
     model = Denoiser(dim, data.num_classes, cfg.diff_width, cfg.diff_blocks)
     model.load_state_dict(ckpt["ema"])
     return model.to(device).eval(), ckpt["mu"], ckpt["sd"]
@@ -825,10 +1119,10 @@ def stage_generate(cfg, data, device):
     box = (z_real.min(0).values.to(device), z_real.max(0).values.to(device)) \
         if cfg.clip_x0 == "box" else None
     gen = torch.Generator().manual_seed(cfg.seed * 100003 + 11)
-    feats = []
+    feats, bf16 = [], use_bf16(cfg, device)
     for i in tqdm(range(0, len(labels), 1024), desc="generate", unit="batch"):
         z = ddim_sample(model, labels[i:i + 1024].to(device), dim, abar, cfg.sample_steps,
-                        cfg.eta, gen, x0_range=box)
+                        cfg.eta, gen, x0_range=box, bf16=bf16)
         feats.append(z.cpu() * sd + mu)  # undo the standardisation; no clipping
     feats = torch.cat(feats) if feats else torch.zeros(0, dim)
     if not torch.isfinite(feats).all():
@@ -841,9 +1135,11 @@ def stage_generate(cfg, data, device):
 
 def stage_finetune(cfg, data, device):
     """Stage 5: the final linear layer retrained from the CE head on real + pseudo features
-    (LDMLR), and on real features with class-balanced sampling (cRT, Kang et al. 2020)."""
+    (LDMLR), and on real features with class-balanced sampling (cRT, Kang et al. 2020). Kang et
+    al. re-initialise the layer for cRT; ours starts from the CE head like the LDMLR row, so the
+    two rows differ only in the data they see (pseudo-features vs re-balanced real ones)."""
     enc = load_features(cfg)
-    pseudo = lt_data.load_checkpoint(os.path.join(cfg.out, "generate", "pseudo.pt"))
+    pseudo = load_pseudo(cfg, data, enc["train"]["features"].shape[1])
     feats = torch.cat([enc["train"]["features"], pseudo["features"]])
     labels = torch.cat([enc["train"]["labels"], pseudo["labels"]])
     ldmlr = train_linear(ce_head(enc, data.num_classes), feats, labels, cfg, device,
@@ -870,8 +1166,9 @@ def frechet_or_none(real, fake):
 def stage_evaluate(cfg, data, device):
     """Stage 6: the rows on the evaluation split and the quality of the pseudo-features."""
     enc = load_features(cfg)
-    heads = lt_data.load_checkpoint(os.path.join(cfg.out, "finetune", "heads.pt"))
-    pseudo = lt_data.load_checkpoint(os.path.join(cfg.out, "generate", "pseudo.pt"))
+    heads = lt_data.load_checkpoint(os.path.join(cfg.out, "finetune", "heads.pt"),
+                                    keys=("ldmlr", "crt", "ldmlr_prior_counts"))
+    pseudo = load_pseudo(cfg, data, enc["train"]["features"].shape[1])
     split = enc[cfg.eval_split]
     feats, labels, ce_logits = split["features"], split["labels"], split["logits"]
     ldmlr, crt = ce_head(enc, data.num_classes), ce_head(enc, data.num_classes)
@@ -915,35 +1212,52 @@ STAGE_FNS = {"encoder": stage_encoder, "encode": stage_encode, "diffusion": stag
 
 
 def run(cfg):
-    """The whole pipeline: skip finished stages, resume an unfinished one, write results.json."""
-    data = lt_data.load_dataset(cfg.dataset, cfg.data_root, cfg.imb, cfg.seed, cfg.download,
-                                image_size=cfg.image_size)
+    """The whole pipeline: skip finished stages, resume an unfinished one, write results.json.
+    Under torchrun every rank runs this; rank 0 alone writes the shared files."""
+    device = dist_setup(cfg)
+    load = (cfg.dataset, cfg.data_root, cfg.imb, cfg.seed)
+    if cfg.download and world_size() > 1:  # one download, by rank 0, before any rank reads it
+        on_main(lambda: lt_data.load_dataset(*load, True, image_size=cfg.image_size))
+    data = agree(lt_data.load_dataset, *load, cfg.download, image_size=cfg.image_size)
     if cfg.eval_split == "val" and data.val is None:
         raise BadInput(f"--eval-split val needs a validation split and {cfg.dataset} has none "
                        f"here; use --eval-split test")
     config = dataclasses.asdict(cfg)
     may_change = [f for s in STAGES[STAGES.index(cfg.redo):] for f in REDO_FIELDS.get(s, ())] \
         if cfg.redo else []
-    lt_data.check_run_dir(cfg.out, config, ignore=NOT_RESULTS, may_change=may_change)
-    if cfg.redo:
-        redo_from(cfg, cfg.redo)
-        lt_data.atomic_json(config, os.path.join(cfg.out, "config.json"))  # now it describes all
+
+    def prepare():  # rank 0 alone: the others would race it for config.json and the --redo
+        lt_data.check_run_dir(cfg.out, config, ignore=NOT_RESULTS, may_change=may_change)
+        if cfg.redo:
+            redo_from(cfg, cfg.redo)
+            lt_data.atomic_json(config, os.path.join(cfg.out, "config.json"))  # describes all now
+        return [is_done(cfg, stage) for stage in STAGES]
+
+    done = from_main(on_main(prepare))  # every rank skips the stages rank 0 found done
     # ---- seeding: global RNGs (model init) are reseeded before every stage, so a stage computes
     # the same whether or not the stages before it ran in this process (the encoder stage then
     # seeds its own init as diffult.py does). Data order and noise use explicit generators.
     lt_data.seed_everything(cfg.seed)
-    device = lt_data.pick_device(cfg.device)
+    # The encoder and the feature diffusion train on every rank; the other stages are one pass
+    # over the images or small computations on features: rank 0 does them alone.
+    alone = ("encode", "generate", "finetune", "evaluate")
     timing = {}
-    for i, stage in enumerate(STAGES):
-        if is_done(cfg, stage):
-            print(f"[{stage}] done, skipped")
-            timing[stage] = read_done(cfg, stage)["seconds"]
+    for i, (stage, finished) in enumerate(zip(STAGES, done)):
+        if finished:
+            if is_main():
+                print(f"[{stage}] done, skipped")
+                timing[stage] = read_done(cfg, stage)["seconds"]
             continue
         lt_data.seed_everything(cfg.seed + 1_000_003 * i)
         t0 = time.time()
-        info = STAGE_FNS[stage](cfg, data, device)
-        timing[stage] = info["seconds"] = round(time.time() - t0, 2)
-        mark_done(cfg, stage, info)
+        fn = STAGE_FNS[stage]
+        info = on_main(fn, cfg, data, device) if stage in alone else fn(cfg, data, device)
+        barrier()  # the stage is done when every rank is
+        if is_main():
+            timing[stage] = info["seconds"] = round(time.time() - t0, 2)
+            mark_done(cfg, stage, info)
+    if not is_main():
+        return None
     with open(os.path.join(cfg.out, "evaluate", "rows.json")) as f:
         evaluated = json.load(f)
     results = {"method": "ldmlr", "dataset": cfg.dataset, "imb": cfg.imb, "seed": cfg.seed,
@@ -957,18 +1271,25 @@ def run(cfg):
 
 
 def main(argv=None):
+    # Under torchrun every rank meets the same bad input (same flags and files) or is told of it
+    # (agree, on_main) and exits with its code; rank 0 alone prints the line.
     try:
         cfg = parse_config(argv)
         run(cfg)
     except BadInput as e:
-        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        if is_main():
+            print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:  # a diverged loss: say so in one line, keep the checkpoints
-        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        if is_main():
+            print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        if is_main():
+            print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        dist_cleanup()
     return 0
 
 

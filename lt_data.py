@@ -436,15 +436,25 @@ def atomic_json(obj, path):
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """torch.load that turns a truncated or foreign file into BadInput naming the file."""
+def load_checkpoint(path, map_location="cpu", keys=()):
+    """torch.load that turns a missing, truncated or foreign file into BadInput naming the file.
+
+    keys: the entries the caller reads. A file without them is some other checkpoint (another
+    stage's, another program's), which would otherwise fail later with a KeyError or a
+    state-dict mismatch. Both scripts keep a stage's files in <out>/<stage>/, so the folder name
+    is the stage to --redo.
+    """
+    redo = f"rerun with --redo {os.path.basename(os.path.dirname(os.path.abspath(path)))}"
+    if not os.path.isfile(path):
+        raise BadInput(f"checkpoint {path} is missing; {redo}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # pickle, zip and torch errors all mean the same thing here
         raise BadInput(f"checkpoint {path} is corrupt or not a checkpoint ({type(e).__name__}); "
-                       f"delete it or rerun with --redo for its stage") from None
-    if not isinstance(ckpt, dict):
-        raise BadInput(f"checkpoint {path} is not one of ours; delete it or rerun with --redo")
+                       f"{redo}") from None
+    if not isinstance(ckpt, dict) or not all(k in ckpt for k in keys):
+        expected = f"a dict with {', '.join(map(repr, keys))}" if keys else "a dict"
+        raise BadInput(f"checkpoint {path} is not one of ours (expected {expected}); {redo}")
     return ckpt
 
 
@@ -456,11 +466,15 @@ def check_run_dir(out, config, ignore=(), may_change=()):
     rewrites config.json once those stages are cleared). Any other difference would mix results of
     two configurations in one directory and is an error.
     """
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise BadInput(f"--out {out} is a file, not a directory; use another --out")
     path = os.path.join(out, "config.json")
     if os.path.isfile(path):
         try:
             with open(path) as f:
                 old = json.load(f)
+            if not isinstance(old, dict):
+                raise ValueError("not a JSON object")
         except (OSError, ValueError):
             raise BadInput(f"{path} is unreadable; delete the run directory or use another --out") \
                 from None

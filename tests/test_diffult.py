@@ -342,3 +342,13 @@ def test_run_directory_with_another_config_is_refused(tmp_path):
     lt_data.atomic_json({"dataset": "digits", "tau": 0.5}, os.path.join(out, "config.json"))
     r = run_cli("--dataset", "digits", "--smoke", "--out", out)
     assert r.returncode == 2 and "another config" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_help_names_every_flag_and_the_redo_fields_exist():
+    proc = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    fields = {f.name for f in diffult.dataclasses.fields(diffult.Config)}
+    for name in fields:
+        assert "--" + name.replace("_", "-") in proc.stdout, name
+    for stage, names in diffult.REDO_FIELDS.items():
+        assert stage in diffult.STAGES and set(names) <= fields, stage

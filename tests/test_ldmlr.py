@@ -286,8 +286,9 @@ def test_smoke_results_have_every_row_and_key(smoke_run):
         assert len(row["per_class"]) == 10 and 0 <= row["overall"] <= 100
         assert name in proc.stdout  # the printed table
     gen = res["generated"]
-    assert gen["counts"] == [22, 16, 11, 8, 6, 5, 5, 5, 5, 5] and gen["total"] == 88
-    assert gen["frechet"] is not None and gen["frechet"] >= 0  # 88 > 64 samples of each
+    # digits default: the Few classes (< 20 images) filled up to n_max = 110
+    assert gen["counts"] == [0, 0, 0, 0, 0, 0, 96, 100, 103, 105] and gen["total"] == 404
+    assert gen["frechet"] is not None and gen["frechet"] >= 0  # > 64 samples of each
     assert gen["frechet_per_class"] == [None] * 10  # no class has > 64 of both
     assert set(res["timing_s"]) == set(ldmlr.STAGES)
     assert res["config"]["smoke"] is True and res["config"]["out"] == out
@@ -332,7 +333,8 @@ def test_redo_generate_may_change_the_generation_fields_only(smoke_run, tmp_path
     assert proc.returncode == 2 and "ratio" in proc.stderr
     proc = run_cli("--smoke", "--out", out, "--redo", "diffusion", "--epochs", "3")
     assert proc.returncode == 2 and "epochs" in proc.stderr  # the encoder reads it
-    proc = run_cli("--smoke", "--out", out, "--redo", "generate", "--ratio", "0.5")
+    ratio_rule = ["--ratio", "0.5", "--no-fill", "--generate-for", "all"]
+    proc = run_cli("--smoke", "--out", out, "--redo", "generate", *ratio_rule)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for stage in ("encoder", "encode", "diffusion"):
         assert f"[{stage}] done, skipped" in proc.stdout
@@ -342,7 +344,7 @@ def test_redo_generate_may_change_the_generation_fields_only(smoke_run, tmp_path
     assert new["rows"]["CE"] == res["rows"]["CE"]
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["ratio"] == 0.5  # the directory now describes the new setting
-    proc = run_cli("--smoke", "--out", out, "--ratio", "0.5")  # and reruns as it
+    proc = run_cli("--smoke", "--out", out, *ratio_rule)  # and reruns as it
     assert proc.returncode == 0 and "[evaluate] done, skipped" in proc.stdout
 
 
@@ -372,3 +374,13 @@ def test_stage_one_is_the_same_model_as_diffults_baseline(tmp_path):
     a = lt_data.load_checkpoint(str(tmp_path / "l" / "encoder" / "model.pt"))["model"]
     b = lt_data.load_checkpoint(str(tmp_path / "d" / "baseline" / "ckpt.pt"))["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_help_names_every_flag_and_the_redo_fields_exist():
+    proc = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    fields = {f.name for f in ldmlr.dataclasses.fields(ldmlr.Config)}
+    for name in fields:
+        assert "--" + name.replace("_", "-") in proc.stdout, name
+    for stage, names in ldmlr.REDO_FIELDS.items():
+        assert stage in ldmlr.STAGES and set(names) <= fields, stage
