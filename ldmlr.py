@@ -22,7 +22,7 @@ Measured on digits, r = 20, test top-1 %, mean of seeds 0, 1, 2 (overall / Few),
 OMP_NUM_THREADS=1 DATASETS=digits RATIOS=20 SEEDS="0 1 2" bash run_all.sh (README):
     CE 93.17 / 84.79   LA 94.33 / 87.71   cRT 94.17 / 87.29
     CE+LDMLR 94.83 / 89.17   LA+LDMLR 94.67 / 88.54
-One run takes 33 s on two idle CPU cores (median of 3, /usr/bin/time).
+One run takes 32 s on two idle CPU cores (median of 3, /usr/bin/time).
 """
 import argparse
 import copy
