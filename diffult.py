@@ -425,10 +425,14 @@ class Attention(nn.Module):
         self.norm, self.qkv, self.proj = group_norm(c), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
 
     def forward(self, x):
+        # A 1x1 convolution is a linear map of each position's channels, so it is applied as one to
+        # the (B, 1 head, HW, C) rows: scaled_dot_product_attention takes its fused kernels only
+        # for 4-D (batch, heads, length, dim) inputs.
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(2, 3).unbind(1)
-        h = F.scaled_dot_product_attention(q, k, v)  # (B, HW, C)
-        return x + self.proj(h.transpose(1, 2).reshape(B, C, H, W))
+        rows = self.norm(x).permute(0, 2, 3, 1).reshape(B, 1, H * W, C)
+        q, k, v = F.linear(rows, self.qkv.weight.flatten(1), self.qkv.bias).chunk(3, dim=-1)
+        h = F.linear(F.scaled_dot_product_attention(q, k, v), self.proj.weight.flatten(1), self.proj.bias)
+        return x + h.view(B, H, W, C).permute(0, 3, 1, 2)
 
 
 class ResBlock(nn.Module):

@@ -220,6 +220,29 @@ def test_unet_output_shape_equals_input_shape(dataset):
     assert out.shape == x.shape
 
 
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), size=st.sampled_from([(1, 8, 4, 4), (3, 16, 2, 5)]),
+       channels_last=st.booleans())
+def test_attention_equals_the_written_out_formula(seed, size, channels_last):
+    # softmax(q k^T / sqrt(C)) v over the H*W positions, q, k, v and the output projection as 1x1
+    # convolutions on the normalised input, plus the residual: fails if q, k and v are mixed up.
+    torch.manual_seed(seed)
+    B, C, H, W = size
+    attn = diffult.Attention(C)
+    for p in attn.parameters():
+        torch.nn.init.normal_(p)
+    x = torch.randn(B, C, H, W)
+    qkv = F.conv2d(attn.norm(x), attn.qkv.weight, attn.qkv.bias).flatten(2)  # (B, 3C, HW)
+    q, k, v = qkv[:, :C], qkv[:, C:2 * C], qkv[:, 2 * C:]
+    w = torch.softmax(q.transpose(1, 2) @ k / C ** 0.5, dim=-1)  # (B, HW query, HW key)
+    h = (v @ w.transpose(1, 2)).view(B, C, H, W)
+    expected = x + F.conv2d(h, attn.proj.weight, attn.proj.bias)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.allclose(attn(x), expected, atol=1e-4, rtol=1e-4)
+
+
 def test_unet_learns_a_two_class_toy_set():
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
