@@ -249,9 +249,10 @@ def parse_config(argv=None, method="diffult"):
                  "weight_decay", "warmup_epochs", "workers"):
         if not getattr(cfg, name) >= 0:
             raise BadInput(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
-    for name in ("lr", "diffusion_lr"):
-        if not getattr(cfg, name) > 0:
-            raise BadInput(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
+    for name, most in (("lr", math.inf), ("diffusion_lr", lt_data.ADAM_LR_MAX)):  # SGD, Adam
+        if not 0 < getattr(cfg, name) <= most:
+            bound = "" if most == math.inf else f" and <= {most:.2g}"
+            raise BadInput(f"--{name.replace('_', '-')} must be > 0{bound}, got {getattr(cfg, name)}")
     if cfg.unet_dropout >= 1 or cfg.eta > 1:
         raise BadInput(f"need --unet-dropout < 1 and --eta <= 1 (1 = DDPM-like sampling), got "
                        f"{cfg.unet_dropout} and {cfg.eta}")
@@ -431,7 +432,8 @@ class Attention(nn.Module):
         B, C, H, W = x.shape
         rows = self.norm(x).permute(0, 2, 3, 1).reshape(B, 1, H * W, C)
         q, k, v = F.linear(rows, self.qkv.weight.flatten(1), self.qkv.bias).chunk(3, dim=-1)
-        h = F.linear(F.scaled_dot_product_attention(q, k, v), self.proj.weight.flatten(1), self.proj.bias)
+        h = F.scaled_dot_product_attention(q, k, v)
+        h = F.linear(h, self.proj.weight.flatten(1), self.proj.bias)
         return x + h.view(B, H, W, C).permute(0, 3, 1, 2)
 
 
@@ -943,9 +945,8 @@ def train_classifier(model, dataset, data, cfg, device, ckpt_path, weights=None,
                            weight_decay=cfg.weight_decay)
     start = 0
     if os.path.isfile(ckpt_path):  # every rank resumes from the same checkpoint
-        ckpt = lt_data.load_checkpoint(ckpt_path, keys=("model", "optimizer", "epoch"))
-        model.load_state_dict(ckpt["model"])
-        opt_.load_state_dict(ckpt["optimizer"])
+        ckpt = lt_data.load_checkpoint(ckpt_path, keys=("epoch",),
+                                       into={"model": model, "optimizer": opt_})
         start = ckpt["epoch"] + 1
         log(f"{desc}: resuming after {start} of {cfg.epochs} epochs")
     net, bf16 = for_training(model, cfg, device), use_bf16(cfg, device)
@@ -1117,8 +1118,8 @@ def phi_features(phi, images, data, cfg, device, batch_size=512):
 def load_classifier(cfg, data, stage, device):
     """The classifier trained by `stage` (its last per-epoch checkpoint), frozen, in eval mode."""
     model = make_classifier(cfg.arch, data.num_classes, data.channels)
-    ckpt = lt_data.load_checkpoint(os.path.join(cfg.out, stage, "ckpt.pt"), keys=("model", "epoch"))
-    model.load_state_dict(ckpt["model"])
+    lt_data.load_checkpoint(os.path.join(cfg.out, stage, "ckpt.pt"), keys=("epoch",),
+                            into={"model": model})
     return place(model, cfg, device).eval().requires_grad_(False)
 
 
@@ -1193,10 +1194,8 @@ def stage_diffusion(cfg, data, device):
     phi = load_classifier(cfg, data, "baseline", device) if cfg.alpha > 0 else None
     start = 0
     if os.path.isfile(ckpt_path):  # every rank; after every model is built (init draws the RNG)
-        ckpt = lt_data.load_checkpoint(ckpt_path, keys=("model", "ema", "optimizer", "rng", "step"))
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt_.load_state_dict(ckpt["optimizer"])
+        ckpt = lt_data.load_checkpoint(ckpt_path, keys=("rng", "step"),
+                                       into={"model": model, "ema": ema, "optimizer": opt_})
         torch.set_rng_state(ckpt["rng"])  # the global CPU RNG drives dropout on CPU only
         start = ckpt["step"]
         log(f"diffusion: resuming at step {start}")
@@ -1316,8 +1315,8 @@ def stage_generate(cfg, data, device):
     folder = stage_dir(cfg, "generate")
     betas, abar = linear_schedule(cfg.timesteps, cfg.beta_1, cfg.beta_T)
     ema = make_unet(cfg, data)
-    ema.load_state_dict(lt_data.load_checkpoint(
-        os.path.join(cfg.out, "diffusion", "ckpt.pt"), keys=("ema", "step"))["ema"])
+    lt_data.load_checkpoint(os.path.join(cfg.out, "diffusion", "ckpt.pt"), keys=("step",),
+                            into={"ema": ema})
     place(ema, cfg, device).eval()
     target = cfg.target_count or data.n_max
     plan = generation_plan(data.train_counts, target, cfg.gen_batch)

@@ -227,9 +227,11 @@ def parse_config(argv=None, method="ldmlr"):
     for name in ("mixup", "ratio", "ft_weight_decay", "weight_decay", "warmup_epochs", "workers"):
         if getattr(cfg, name) < 0:
             raise BadInput(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
-    for name in ("lr", "diff_lr", "ft_lr"):
-        if not getattr(cfg, name) > 0:
-            raise BadInput(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
+    for name, most in (("lr", math.inf), ("diff_lr", lt_data.ADAM_LR_MAX),  # SGD, Adam, Adam
+                       ("ft_lr", lt_data.ADAM_LR_MAX)):
+        if not 0 < getattr(cfg, name) <= most:
+            bound = "" if most == math.inf else f" and <= {most:.2g}"
+            raise BadInput(f"--{name.replace('_', '-')} must be > 0{bound}, got {getattr(cfg, name)}")
     if cfg.out is None:
         cfg.out = os.path.join("runs", f"{method}_{cfg.dataset}_imb{cfg.imb:g}_seed{cfg.seed}")
     return cfg
@@ -751,9 +753,8 @@ def train_classifier(model, dataset, data, cfg, device, ckpt_path, weights=None,
                            weight_decay=cfg.weight_decay)
     start = 0
     if os.path.isfile(ckpt_path):  # every rank resumes from the same checkpoint
-        ckpt = lt_data.load_checkpoint(ckpt_path, keys=("model", "optimizer", "epoch"))
-        model.load_state_dict(ckpt["model"])
-        opt_.load_state_dict(ckpt["optimizer"])
+        ckpt = lt_data.load_checkpoint(ckpt_path, keys=("epoch",),
+                                       into={"model": model, "optimizer": opt_})
         start = ckpt["epoch"] + 1
         if is_main():
             print(f"[{desc}] resuming after {start} of {cfg.epochs} epochs")
@@ -1006,8 +1007,7 @@ def stage_encoder(cfg, data, device):
 def stage_encode(cfg, data, device):
     """Stage 2: penultimate features (un-augmented images) and CE logits of every split."""
     model = make_classifier(cfg.arch, data.num_classes, data.channels)
-    ckpt = lt_data.load_checkpoint(os.path.join(cfg.out, "encoder", "model.pt"), keys=("model",))
-    model.load_state_dict(ckpt["model"])
+    lt_data.load_checkpoint(os.path.join(cfg.out, "encoder", "model.pt"), into={"model": model})
     out = {"fc": {k: v.cpu() for k, v in model.fc.state_dict().items()}}
     for split in ("train", "val", "test"):
         dataset = getattr(data, split)
@@ -1038,11 +1038,8 @@ def stage_diffusion(cfg, data, device):
     gen = torch.Generator().manual_seed(cfg.seed * 100003 + 7)
     step, ckpt_path = 0, os.path.join(folder, "ckpt.pt")
     if os.path.isfile(ckpt_path):  # every rank resumes from the same checkpoint
-        ckpt = lt_data.load_checkpoint(ckpt_path,
-                                       keys=("model", "ema", "optimizer", "generator", "step"))
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt_.load_state_dict(ckpt["optimizer"])
+        ckpt = lt_data.load_checkpoint(ckpt_path, keys=("generator", "step"),
+                                       into={"model": model, "ema": ema, "optimizer": opt_})
         gen.set_state(ckpt["generator"])
         step = ckpt["step"]
         if is_main():
@@ -1096,10 +1093,9 @@ def stage_diffusion(cfg, data, device):
 
 def load_denoiser(cfg, data, dim, device):
     """The EMA denoiser and the standardisation of the diffusion stage."""
-    ckpt = lt_data.load_checkpoint(os.path.join(cfg.out, "diffusion", "ckpt.pt"),
-                                   keys=("ema", "mu", "sd"))
     model = Denoiser(dim, data.num_classes, cfg.diff_width, cfg.diff_blocks)
-    model.load_state_dict(ckpt["ema"])
+    ckpt = lt_data.load_checkpoint(os.path.join(cfg.out, "diffusion", "ckpt.pt"), keys=("mu", "sd"),
+                                   into={"ema": model})
     return model.to(device).eval(), ckpt["mu"], ckpt["sd"]
 
 
@@ -1166,14 +1162,12 @@ def frechet_or_none(real, fake):
 def stage_evaluate(cfg, data, device):
     """Stage 6: the rows on the evaluation split and the quality of the pseudo-features."""
     enc = load_features(cfg)
+    ldmlr, crt = ce_head(enc, data.num_classes), ce_head(enc, data.num_classes)
     heads = lt_data.load_checkpoint(os.path.join(cfg.out, "finetune", "heads.pt"),
-                                    keys=("ldmlr", "crt", "ldmlr_prior_counts"))
+                                    keys=("ldmlr_prior_counts",), into={"ldmlr": ldmlr, "crt": crt})
     pseudo = load_pseudo(cfg, data, enc["train"]["features"].shape[1])
     split = enc[cfg.eval_split]
     feats, labels, ce_logits = split["features"], split["labels"], split["logits"]
-    ldmlr, crt = ce_head(enc, data.num_classes), ce_head(enc, data.num_classes)
-    ldmlr.load_state_dict(heads["ldmlr"])
-    crt.load_state_dict(heads["crt"])
     with torch.no_grad():
         ldmlr_logits, crt_logits = ldmlr(feats), crt(feats)
     counts = data.train_counts

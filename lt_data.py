@@ -32,6 +32,11 @@ class BadInput(Exception):
     """A problem with the user's input or data. The scripts print its one-line message and exit 2."""
 
 
+# Adam's first step moves a weight by up to lr / (1 - beta_1) = 10 lr, a number torch computes in
+# float32: a larger learning rate cannot even be applied.
+ADAM_LR_MAX = torch.finfo(torch.float32).max * (1 - 0.9)
+
+
 # -------------------------------------------------------------------------------------------------
 # Long-tail profiles
 
@@ -436,14 +441,16 @@ def atomic_json(obj, path):
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
-def load_checkpoint(path, map_location="cpu", keys=()):
+def load_checkpoint(path, map_location="cpu", keys=(), into=None):
     """torch.load that turns a missing, truncated or foreign file into BadInput naming the file.
 
     keys: the entries the caller reads. A file without them is some other checkpoint (another
     stage's, another program's), which would otherwise fail later with a KeyError or a
-    state-dict mismatch. Both scripts keep a stage's files in <out>/<stage>/, so the folder name
-    is the stage to --redo.
+    state-dict mismatch. into: {entry: module or optimizer} to load those entries into; a state
+    that does not fit (a checkpoint of a differently sized model) is BadInput as well. Both
+    scripts keep a stage's files in <out>/<stage>/, so the folder name is the stage to --redo.
     """
+    into = into or {}
     redo = f"rerun with --redo {os.path.basename(os.path.dirname(os.path.abspath(path)))}"
     if not os.path.isfile(path):
         raise BadInput(f"checkpoint {path} is missing; {redo}")
@@ -452,9 +459,18 @@ def load_checkpoint(path, map_location="cpu", keys=()):
     except Exception as e:  # pickle, zip and torch errors all mean the same thing here
         raise BadInput(f"checkpoint {path} is corrupt or not a checkpoint ({type(e).__name__}); "
                        f"{redo}") from None
+    keys = (*into, *keys)
     if not isinstance(ckpt, dict) or not all(k in ckpt for k in keys):
         expected = f"a dict with {', '.join(map(repr, keys))}" if keys else "a dict"
         raise BadInput(f"checkpoint {path} is not one of ours (expected {expected}); {redo}")
+    for key, target in into.items():
+        try:
+            target.load_state_dict(ckpt[key])
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
+            detail = " ".join(str(e).split())  # torch's message spans lines
+            detail = detail if len(detail) <= 160 else detail[:157] + "..."
+            raise BadInput(f"checkpoint {path}: {key!r} does not fit this run's model ({detail}); "
+                           f"{redo}") from None
     return ckpt
 
 

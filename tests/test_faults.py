@@ -17,6 +17,7 @@ exit code, and a traceback would surface here as an exception. The ImageNet-LT l
 through real subprocesses.
 """
 import functools
+import io
 import json
 import os
 import re
@@ -401,6 +402,8 @@ BAD_FLAGS = [  # (script, flags, what the line must say); comment: what a fresh 
     ("ldmlr", ["--tau", "inf"], "--tau"),                       # accepted: rows of inf logits
     ("ldmlr", ["--workers", "-1"], "--workers"),                # accepted
     ("ldmlr", ["--diff-steps", "100"], "another config (diff_steps"),
+    ("diffult", ["--diffusion-lr", "1e38"], "--diffusion-lr"),  # Adam's overflow, a traceback
+    ("ldmlr", ["--ft-lr", "1e38"], "--ft-lr"),                  # Adam's overflow, a traceback
 ]
 
 
@@ -491,7 +494,13 @@ def test_bad_diffusion_checkpoint_exits_2_naming_the_file_and_redo_recovers(refs
     def another_stages_checkpoint():  # a valid checkpoint, but the classifier's
         shutil.copy(os.path.join(out, "baseline", "ckpt.pt"), ckpt)
 
-    for damage in (truncated, foreign_bytes, another_stages_checkpoint):
+    def another_models_checkpoint():  # the right entries, but a UNet with another first layer
+        state = torch.load(io.BytesIO(good), weights_only=False)
+        name = next(iter(state["model"]))
+        state["model"][name] = torch.zeros(3, *state["model"][name].shape[1:])
+        torch.save(state, ckpt)
+
+    for damage in (truncated, foreign_bytes, another_stages_checkpoint, another_models_checkpoint):
         damage()
         code, _, err = in_process("diffult", out, [], capsys)  # the same command: resume
         line = error_line(err)

@@ -427,6 +427,25 @@ def test_atomic_save_and_corrupt_checkpoint(tmp_path):
         lt_data.load_checkpoint(path)
 
 
+def test_load_checkpoint_into_modules_and_a_state_that_does_not_fit(tmp_path):
+    path = str(tmp_path / "stage" / "ckpt.pt")
+    os.makedirs(os.path.dirname(path))
+    net = torch.nn.Linear(4, 3)
+    opt = torch.optim.Adam(net.parameters())
+    lt_data.atomic_save({"model": net.state_dict(), "optimizer": opt.state_dict(), "step": 7}, path)
+    fresh = torch.nn.Linear(4, 3)
+    ckpt = lt_data.load_checkpoint(path, keys=("step",), into={"model": fresh})
+    assert ckpt["step"] == 7 and torch.equal(fresh.weight, net.weight)
+    wider = torch.nn.Linear(4, 5)  # a differently sized model
+    with pytest.raises(BadInput, match=r"'model' does not fit .*size mismatch.*--redo stage$"):
+        lt_data.load_checkpoint(path, into={"model": wider})
+    other = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 3))
+    with pytest.raises(BadInput, match="'optimizer' does not fit"):  # another parameter count
+        lt_data.load_checkpoint(path, into={"optimizer": torch.optim.Adam(other.parameters())})
+    with pytest.raises(BadInput, match="not one of ours.*'ema'"):  # an entry it does not hold
+        lt_data.load_checkpoint(path, into={"ema": fresh})
+
+
 def test_atomic_save_keeps_old_file_on_failure(tmp_path):
     path = str(tmp_path / "x.pt")
     lt_data.atomic_save({"v": 1}, path)
