@@ -249,10 +249,10 @@ def parse_config(argv=None, method="diffult"):
                  "weight_decay", "warmup_epochs", "workers"):
         if not getattr(cfg, name) >= 0:
             raise BadInput(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
-    for name, most in (("lr", math.inf), ("diffusion_lr", lt_data.ADAM_LR_MAX)):  # SGD, Adam
+    for name, most in (("lr", lt_data.SGD_LR_MAX), ("diffusion_lr", lt_data.ADAM_LR_MAX)):
         if not 0 < getattr(cfg, name) <= most:
-            bound = "" if most == math.inf else f" and <= {most:.2g}"
-            raise BadInput(f"--{name.replace('_', '-')} must be > 0{bound}, got {getattr(cfg, name)}")
+            raise BadInput(f"--{name.replace('_', '-')} must be > 0 and <= {most:.2g}, "
+                           f"got {getattr(cfg, name)}")
     if cfg.unet_dropout >= 1 or cfg.eta > 1:
         raise BadInput(f"need --unet-dropout < 1 and --eta <= 1 (1 = DDPM-like sampling), got "
                        f"{cfg.unet_dropout} and {cfg.eta}")

@@ -227,11 +227,11 @@ def parse_config(argv=None, method="ldmlr"):
     for name in ("mixup", "ratio", "ft_weight_decay", "weight_decay", "warmup_epochs", "workers"):
         if getattr(cfg, name) < 0:
             raise BadInput(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
-    for name, most in (("lr", math.inf), ("diff_lr", lt_data.ADAM_LR_MAX),  # SGD, Adam, Adam
+    for name, most in (("lr", lt_data.SGD_LR_MAX), ("diff_lr", lt_data.ADAM_LR_MAX),
                        ("ft_lr", lt_data.ADAM_LR_MAX)):
         if not 0 < getattr(cfg, name) <= most:
-            bound = "" if most == math.inf else f" and <= {most:.2g}"
-            raise BadInput(f"--{name.replace('_', '-')} must be > 0{bound}, got {getattr(cfg, name)}")
+            raise BadInput(f"--{name.replace('_', '-')} must be > 0 and <= {most:.2g}, "
+                           f"got {getattr(cfg, name)}")
     if cfg.out is None:
         cfg.out = os.path.join("runs", f"{method}_{cfg.dataset}_imb{cfg.imb:g}_seed{cfg.seed}")
     return cfg

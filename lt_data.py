@@ -32,9 +32,10 @@ class BadInput(Exception):
     """A problem with the user's input or data. The scripts print its one-line message and exit 2."""
 
 
-# Adam's first step moves a weight by up to lr / (1 - beta_1) = 10 lr, a number torch computes in
-# float32: a larger learning rate cannot even be applied.
-ADAM_LR_MAX = torch.finfo(torch.float32).max * (1 - 0.9)
+# The optimisers scale an update by lr (SGD) or by up to lr / (1 - beta_1) = 10 lr (Adam's first
+# step), a number torch applies as a float32: a larger learning rate cannot even be applied.
+SGD_LR_MAX = torch.finfo(torch.float32).max
+ADAM_LR_MAX = SGD_LR_MAX * (1 - 0.9)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -404,6 +404,7 @@ BAD_FLAGS = [  # (script, flags, what the line must say); comment: what a fresh 
     ("ldmlr", ["--diff-steps", "100"], "another config (diff_steps"),
     ("diffult", ["--diffusion-lr", "1e38"], "--diffusion-lr"),  # Adam's overflow, a traceback
     ("ldmlr", ["--ft-lr", "1e38"], "--ft-lr"),                  # Adam's overflow, a traceback
+    ("ldmlr", ["--lr", "1e39"], "--lr"),                        # SGD's overflow, a traceback
 ]
 
 
@@ -494,7 +495,7 @@ def test_bad_diffusion_checkpoint_exits_2_naming_the_file_and_redo_recovers(refs
     def another_stages_checkpoint():  # a valid checkpoint, but the classifier's
         shutil.copy(os.path.join(out, "baseline", "ckpt.pt"), ckpt)
 
-    def another_models_checkpoint():  # the right entries, but a UNet with another first layer
+    def another_models_checkpoint():  # the right entries, but one tensor of another size
         state = torch.load(io.BytesIO(good), weights_only=False)
         name = next(iter(state["model"]))
         state["model"][name] = torch.zeros(3, *state["model"][name].shape[1:])
