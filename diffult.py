@@ -20,8 +20,8 @@ Pipeline (one folder per stage under --out, each cached and resumable):
 
 Measured on digits, r = 20, test top-1 %, mean of seeds 0, 1, 2 (overall / Few), with
 OMP_NUM_THREADS=1 DATASETS=digits RATIOS=20 SEEDS="0 1 2" bash run_all.sh (README):
-    CE 93.17 / 84.79   LA 94.33 / 87.71   DiffuLT 94.92 / 90.00   DiffuLT+LA 95.25 / 91.04
-Generated: 54.5 % ID, 35.2 % AID, 10.3 % OOD (dropped). One run takes 92 s on two idle CPU cores
+    CE 93.17 / 84.79   LA 94.33 / 87.71   DiffuLT 94.67 / 90.21   DiffuLT+LA 95.00 / 91.67
+Generated: 54.7 % ID, 35.1 % AID, 10.3 % OOD (dropped). One run takes 92 s on two idle CPU cores
 (median of 3, /usr/bin/time). DDIM against DDPM-1000, and how the defaults were chosen: README.
 """
 import argparse
