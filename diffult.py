@@ -4,25 +4,22 @@ J. Shao et al., "DiffuLT: Diffusion for Long-tail Recognition Without External K
 NeurIPS 2024 (arXiv 2403.05170). No official code is public; the generator is the
 Class-Balancing Diffusion Model of Y. Qin et al., CVPR 2023 (CBDM), on the DDPM of Ho et al. 2020.
 
-Pipeline (one folder per stage under --out, each cached and resumable):
   baseline    ResNet-32 with plain CE on the long-tailed set: the CE row and the feature extractor
               phi; class centres c_y and radii d_f(y) of the real training features
   diffusion   class-conditional DDPM UNet trained from scratch with the CBDM regulariser and the
               AID-biased loss L_AID through frozen phi (label dropout for classifier-free guidance)
-  generate    every class topped up to N_t images with the EMA model (DDIM or ancestral DDPM)
+  generate    every class topped up to N_t images with the EMA model (DDIM or CBDM's DDPM)
   filter      each sample is ID / AID / OOD by its phi-distance to its class centre; OOD dropped
   classifier  a fresh classifier on real + kept synthetic images, synthetic CE weighted by omega
   evaluate    rows CE, LA (post-hoc logit adjustment), DiffuLT, DiffuLT+LA
 
-    python diffult.py --dataset digits --imb 20          # offline, 2 CPU cores, a few minutes
-    python diffult.py --dataset cifar100 --imb 100       # the paper's setting (GPU, ~a day)
-    torchrun --nproc_per_node 4 diffult.py --dataset cifar100 --imb 100   # on 4 GPUs (DDP)
+    python diffult.py                                    # digits, offline, 2 CPU cores, minutes
+    python diffult.py --dataset cifar10 --imb 100        # downloads CIFAR-10 (GPU, about a day)
+    torchrun --nproc_per_node 4 diffult.py --dataset cifar100 --imb 100   # 4 GPUs (DDP)
 
 Measured on digits, r = 20, test top-1 %, mean of seeds 0, 1, 2 (overall / Few), with
-OMP_NUM_THREADS=1 DATASETS=digits RATIOS=20 SEEDS="0 1 2" bash run_all.sh (README):
-    CE 93.17 / 84.79   LA 94.33 / 87.71   DiffuLT 94.67 / 90.21   DiffuLT+LA 95.00 / 91.67
-Generated: 54.7 % ID, 35.1 % AID, 10.3 % OOD (dropped). One run takes 92 s on two idle CPU cores
-(median of 3, /usr/bin/time). DDIM against DDPM-1000, and how the defaults were chosen: README.
+DATASETS=digits RATIOS=20 SEEDS="0 1 2" bash run_all.sh (README):
+    MEASURED_TABLE
 """
 import argparse
 import dataclasses
@@ -32,23 +29,28 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 import zlib
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import lt_data
 from lt_data import BadInput
 
+METHOD = "diffult"
+STAGES = ["baseline", "diffusion", "generate", "filter", "classifier", "evaluate"]
+
+
 # -------------------------------------------------------------------------------------------------
-# Config: one dataclass, one help line per field. None = take the per-dataset default below.
+# Config: one field per flag (--unet-ch for unet_ch). None = the per-dataset value in DEFAULTS.
 
 
 def opt(default, help, choices=None):
@@ -57,219 +59,113 @@ def opt(default, help, choices=None):
 
 @dataclass
 class Config:
-    # ---- common to both scripts (INTERFACE.md)
-    dataset: str = opt("digits", "benchmark; sets the per-dataset defaults",
-                       ("cifar10", "cifar100", "imagenet_lt", "digits"))
+    # ---- common to both scripts
+    dataset: str = opt("digits", "benchmark; sets the per-dataset defaults", lt_data.DATASETS)
     imb: float = opt(None, "imbalance ratio r >= 1 (head/tail); ignored for imagenet_lt")
-    seed: int = opt(0, "one seed for data subsampling, init and training")
+    seed: int = opt(0, "one seed for data subsampling (0 = the standard CIFAR-LT subset), "
+                    "init and training")
     data_root: str = opt("./data", "where datasets live")
-    download: bool = opt(False, "download CIFAR if it is missing (off: a missing dataset is an error)")
+    download: bool = opt(True, "download a missing CIFAR with torchvision (md5-checked)")
     out: str = opt(None, "run directory (default runs/<method>_<dataset>_imb<R>_seed<S>)")
     device: str = opt("auto", "device", ("auto", "cpu", "cuda", "mps"))
     smoke: bool = opt(False, "tiny budgets for every stage, so the pipeline runs in seconds")
-    redo: str = opt(None, "recompute this stage and every stage after it",
-                    ("baseline", "diffusion", "generate", "filter", "classifier", "evaluate"))
+    redo: str = opt(None, "recompute this stage and every stage after it", STAGES)
     eval_split: str = opt("test", "evaluate on the test set, or on the validation split carved "
-                          "from the training data (digits, ImageNet-LT) when tuning", ("test", "val"))
+                          "from the training data (digits, ImageNet-LT)", ("test", "val"))
     workers: int = opt(4, "DataLoader workers for datasets read from disk (ImageNet-LT)")
-    precision: str = opt("auto", "forward passes of training and sampling in bf16 autocast or "
-                         "fp32; auto = bf16 on CUDA devices that support it, else fp32",
+    precision: str = opt("auto", "autocast of forward passes; auto = bf16 on CUDA, else fp32",
                          ("auto", "fp32", "bf16"))
-    channels_last: str = opt("auto", "channels_last memory format for the conv nets; auto = on "
-                             "CUDA only", ("auto", "on", "off"))
-    compile: bool = opt(False, "torch.compile the training models (compiling takes minutes; "
-                        "pays off on long GPU runs)")
-    # ---- stage 1 classifier, the recipe of Cao et al. 2019 (LDAM-DRW) for ResNet-32 on CIFAR-LT
+    channels_last: bool = opt(True, "channels_last memory format for the conv nets on CUDA")
+    compile: bool = opt(False, "torch.compile the trained models (pays off on long GPU runs)")
+    # ---- stage-1 classifier: the LDAM-DRW recipe for ResNet-32 on CIFAR-LT (Cao et al. 2019)
     arch: str = opt(None, "classifier backbone", ("resnet32", "resnet10", "resnet50"))
-    epochs: int = opt(None, "classifier epochs (paper: 200 on CIFAR)")
-    batch_size: int = opt(None, "classifier batch size (paper: 128)")
-    lr: float = opt(None, "SGD learning rate (paper: 0.1), x0.1 at 80% and 90% of the epochs")
-    warmup_epochs: int = opt(None, "linear warm-up epochs (paper: 5)")
-    weight_decay: float = opt(None, "SGD weight decay (paper: 2e-4)")
-    image_size: int = opt(None, "image side fed to the networks (imagenet_lt only; CIFAR 32, digits 8)")
-    # ---- DiffuLT: the generator (CBDM / pytorch-ddpm CIFAR configuration unless noted)
-    gen_size: int = opt(None, "image side the diffusion model works at (CIFAR 32; digits 8; "
-                        "imagenet_lt 64, ours)")
-    unet_ch: int = opt(None, "UNet base channels (pytorch-ddpm / CBDM: 128)")
-    unet_mult: str = opt(None, "UNet channel multiplier per level, comma-separated "
-                         "(CBDM: 1,2,2,2)")
+    epochs: int = opt(None, "classifier epochs (LDAM-DRW: 200)")
+    batch_size: int = opt(None, "classifier batch size, over all processes (LDAM-DRW: 128)")
+    lr: float = opt(None, "SGD learning rate (LDAM-DRW: 0.1); x0.01 after 80% of the epochs, "
+                    "x1e-4 after 90% (epochs 160 / 180 of 200)")
+    warmup_epochs: int = opt(None, "linear warm-up epochs, lr * e / warm-up (LDAM-DRW: 5)")
+    weight_decay: float = opt(None, "SGD weight decay (LDAM-DRW: 2e-4)")
+    la_tau: float = opt(1.0, "post-hoc logit adjustment strength of the LA rows (Menon et al.: 1)")
+    # ---- DiffuLT's generator (the pytorch-ddpm / CBDM CIFAR configuration unless noted)
+    gen_size: int = opt(None, "image side the generator works at (CIFAR 32; imagenet_lt 64, "
+                        "ours)")
+    unet_ch: int = opt(None, "UNet base channels (CBDM: 128)")
+    unet_mult: str = opt(None, "UNet channel multiplier per level (CBDM: 1,2,2,2)")
     unet_blocks: int = opt(None, "residual blocks per UNet level (CBDM: 2)")
     unet_attn: str = opt(None, "resolutions with self-attention, comma-separated (CBDM: 16)")
-    unet_dropout: float = opt(None, "UNet dropout (CBDM: 0.1)")
+    unet_dropout: float = opt(0.1, "UNet dropout (CBDM: 0.1)")
     timesteps: int = opt(1000, "diffusion steps T (DDPM / CBDM: 1000)")
-    beta_1: float = opt(1e-4, "first beta of the linear schedule (DDPM: 1e-4)")
-    beta_T: float = opt(0.02, "last beta of the linear schedule (DDPM: 0.02)")
     diffusion_steps: int = opt(None, "diffusion training steps (CBDM: 300k on CIFAR-100-LT)")
-    diffusion_batch: int = opt(None, "diffusion batch size (CBDM: 48)")
+    diffusion_batch: int = opt(None, "diffusion batch size, over all processes (CBDM: 48)")
     diffusion_lr: float = opt(None, "Adam learning rate of the denoiser (CBDM: 2e-4)")
     diffusion_warmup: int = opt(None, "linear learning-rate warm-up steps (CBDM: 5000)")
-    ema_decay: float = opt(None, "EMA decay of the denoiser weights used for sampling "
-                           "(CBDM: 0.9999)")
+    ema_decay: float = opt(None, "EMA decay of the weights used for sampling (CBDM: 0.9999)")
     grad_clip: float = opt(1.0, "gradient-norm clip of the denoiser (CBDM: 1.0)")
     ckpt_every: int = opt(None, "diffusion checkpoint interval in steps")
-    label_dropout: float = opt(0.1, "probability of replacing the label by the null class, for "
-                               "classifier-free guidance (CBDM: 0.1)")
-    tau: float = opt(1.0, "CBDM regulariser weight tau (CBDM / DiffuLT: 1; 0 = plain DDPM)")
-    gamma: float = opt(0.25, "CBDM commitment weight gamma (CBDM: 0.25)")
-    cbdm_prior: str = opt("uniform", "distribution of the CBDM target label y' (paper: uniform; "
-                          "the official CBDM code: empirical)", ("uniform", "empirical"))
-    alpha: float = opt(0.1, "weight of the AID-biased loss L_AID (DiffuLT: 0.1; 0 = off)")
+    label_dropout: float = opt(0.1, "probability of the null label, for classifier-free guidance "
+                               "(CBDM: 0.1)")
+    cbdm_tau: float = opt(1.0, "CBDM regulariser weight tau (CBDM / DiffuLT: 1; 0 = plain DDPM)")
+    cbdm_gamma: float = opt(0.25, "CBDM commitment weight gamma (CBDM: 0.25)")
+    cbdm_prior: str = opt("uniform", "distribution of CBDM's target label y' (paper: uniform; "
+                          "official code: empirical)", ("uniform", "empirical"))
+    aid_alpha: float = opt(0.1, "weight alpha of the AID-biased loss L_AID (DiffuLT: 0.1; 0 = off)")
     # ---- DiffuLT: generation, filtering, retraining
-    sampler: str = opt("ddim", "ddim (fast, ours as default) or ddpm (all T ancestral steps, "
-                       "as CBDM samples)", ("ddim", "ddpm"))
-    sample_steps: int = opt(None, "DDIM steps (ours; ignored by --sampler ddpm)")
+    sampler: str = opt("ddim", "ddim (ours, fast) or ddpm (CBDM: all T ancestral steps)",
+                       ("ddim", "ddpm"))
+    sample_steps: int = opt(None, "DDIM steps (ours; --sampler ddpm takes all T)")
     eta: float = opt(0.0, "DDIM stochasticity eta (0 = deterministic DDIM)")
-    guidance: float = opt(1.6, "classifier-free guidance w in CBDM's convention "
-                          "eps = (1 + w) eps(y) - w eps(null) (CBDM: 1.6; 0 = no guidance)")
+    guidance: float = opt(1.6, "classifier-free guidance w, eps = (1 + w) eps(y) - w eps(null) "
+                          "(CBDM: 1.6; 0 = none)")
     target_count: int = opt(None, "N_t: every class is topped up to this many images "
                             "(paper: n_max, the head count)")
     gen_batch: int = opt(None, "images per generation shard (one shard = one saved file)")
-    no_filter: bool = opt(False, "keep OOD samples too (ablation; the paper drops them)")
-    synthetic_weight: float = opt(None, "CE weight omega of synthetic samples (paper: 0.3; "
-                                  "0.5 on ImageNet-LT; real samples weigh 1)")
+    filter: bool = opt(True, "drop the OOD samples (paper); --no-filter keeps them (ablation)")
+    synthetic_weight: float = opt(None, "CE weight omega of synthetic samples (paper: 0.3; 0.5 on "
+                                  "ImageNet-LT)")
 
 
-# Per-dataset defaults: the papers' settings for CIFAR / ImageNet-LT, CPU-sized budgets for digits.
+CIFAR = dict(imb=100, arch="resnet32", epochs=200, batch_size=128, lr=0.1, warmup_epochs=5,
+             weight_decay=2e-4, gen_size=32, unet_ch=128, unet_mult="1,2,2,2", unet_blocks=2,
+             unet_attn="16", diffusion_steps=300_000, diffusion_batch=48, diffusion_lr=2e-4,
+             diffusion_warmup=5000, ema_decay=0.9999, ckpt_every=5000, sample_steps=100,
+             gen_batch=500, synthetic_weight=0.3)
 DEFAULTS = {
-    "cifar10": dict(imb=100, arch="resnet32", epochs=200, batch_size=128, lr=0.1, warmup_epochs=5,
-                    weight_decay=2e-4, image_size=32),
-    "cifar100": dict(imb=100, arch="resnet32", epochs=200, batch_size=128, lr=0.1, warmup_epochs=5,
-                     weight_decay=2e-4, image_size=32),
-    # ResNet-10, 90 epochs, batch 256, lr 0.1, wd 5e-4: the usual ImageNet-LT recipe (ours: the
-    # papers do not restate it).
-    "imagenet_lt": dict(imb=256, arch="resnet10", epochs=90, batch_size=256, lr=0.1,
-                        warmup_epochs=5, weight_decay=5e-4, image_size=224),
-    # digits (8x8 grey, a few hundred images): ResNet-32 still fits; budgets sized for 2 CPU cores.
+    # The papers' settings. Ours: CBDM's CIFAR-100-LT budget for CIFAR-10-LT too; 100 DDIM steps.
+    "cifar10": CIFAR,
+    "cifar100": CIFAR,
+    # Ours, the papers do not give them: the usual ResNet-10 recipe (90 epochs, batch 256, wd
+    # 5e-4), a 64x64 generator (upsampled for the classifier) with a wider 4-level UNet.
+    "imagenet_lt": dict(CIFAR, imb=256, arch="resnet10", epochs=90, batch_size=256,
+                        weight_decay=5e-4, gen_size=64, unet_mult="1,2,3,4", unet_attn="16,8",
+                        diffusion_steps=500_000, diffusion_batch=128, synthetic_weight=0.5),
+    # Ours: an 8x8 one-channel UNet and budgets for 2 CPU cores (README, "How the digits defaults
+    # were chosen").
     "digits": dict(imb=20, arch="resnet32", epochs=60, batch_size=64, lr=0.05, warmup_epochs=5,
-                   weight_decay=5e-4, image_size=8),
-}
-# DiffuLT's own per-dataset defaults, merged into DEFAULTS below. CIFAR: the pytorch-ddpm / CBDM
-# CIFAR UNet (~35.7 M parameters) and CBDM's CIFAR-100-LT budget (300k steps at batch 48; using
-# the same budget for CIFAR-10-LT is ours); 100 DDIM steps is ours (CBDM samples with all 1000).
-# ImageNet-LT: the paper trains its generator for ~6 days and does not give the configuration;
-# everything below is ours: 64x64 generation (upsampled to the classifier's input), a wider
-# 4-level UNet with attention at 16 and 8.
-# digits (ours): an 8x8 one-channel UNet and budgets sized for 2 CPU cores; the generation and
-# retraining settings (guidance, omega, filter) were checked on the validation split (README).
-GEN_DEFAULTS = {
-    "cifar10": dict(gen_size=32, unet_ch=128, unet_mult="1,2,2,2", unet_blocks=2, unet_attn="16",
-                    unet_dropout=0.1, diffusion_steps=300_000, diffusion_batch=48,
-                    diffusion_lr=2e-4, diffusion_warmup=5000, ema_decay=0.9999, ckpt_every=5000,
-                    sample_steps=100, gen_batch=500, synthetic_weight=0.3),
-    "cifar100": dict(gen_size=32, unet_ch=128, unet_mult="1,2,2,2", unet_blocks=2, unet_attn="16",
-                     unet_dropout=0.1, diffusion_steps=300_000, diffusion_batch=48,
-                     diffusion_lr=2e-4, diffusion_warmup=5000, ema_decay=0.9999, ckpt_every=5000,
-                     sample_steps=100, gen_batch=500, synthetic_weight=0.3),
-    "imagenet_lt": dict(gen_size=64, unet_ch=128, unet_mult="1,2,3,4", unet_blocks=2,
-                        unet_attn="16,8", unet_dropout=0.1, diffusion_steps=500_000,
-                        diffusion_batch=128, diffusion_lr=2e-4, diffusion_warmup=5000,
-                        ema_decay=0.9999, ckpt_every=5000, sample_steps=100, gen_batch=500,
-                        synthetic_weight=0.5),
-    "digits": dict(gen_size=8, unet_ch=16, unet_mult="1,2", unet_blocks=1, unet_attn="4",
-                   unet_dropout=0.1, diffusion_steps=600, diffusion_batch=64, diffusion_lr=2e-3,
+                   weight_decay=5e-4, gen_size=8, unet_ch=16, unet_mult="1,2", unet_blocks=1,
+                   unet_attn="4", diffusion_steps=600, diffusion_batch=64, diffusion_lr=2e-3,
                    diffusion_warmup=50, ema_decay=0.99, ckpt_every=200, sample_steps=25,
                    gen_batch=256, synthetic_weight=0.3),
 }
-for _name, _extra in GEN_DEFAULTS.items():
-    DEFAULTS[_name].update(_extra)
 SMOKE = dict(epochs=2, unet_ch=16, unet_blocks=1, diffusion_steps=6, diffusion_batch=16,
              diffusion_warmup=2, ckpt_every=3, sample_steps=3, target_count=30, gen_batch=32)
-# Fields that do not change results: a run directory may be reused with other values of them.
-# channels_last and compile are here because they change which kernels compute the same operations
-# (another memory layout, summation order or convolution algorithm; compiled dropout may also draw
-# its masks from another random stream), not the operations: the numbers then differ as they do
-# between two devices, and --device is here too. precision is not: bf16 keeps 8 significant bits,
-# and that is another computation.
+# Fields that do not change what a run computes: a run directory may be reused with other values.
 NOT_RESULTS = ("out", "device", "data_root", "download", "redo", "workers", "channels_last",
                "compile")
-# Fields that no stage before the named one reads: `--redo STAGE` may change them in an existing run
-# directory (--redo diffusion --tau 0 reuses the CE baseline; --redo generate --sampler ddpm reuses
-# the trained generator too).
+# Fields no stage before the named one reads: `--redo STAGE` may change them in a finished run.
 REDO_FIELDS = {"diffusion": ("gen_size", "unet_ch", "unet_mult", "unet_blocks", "unet_attn",
-                             "unet_dropout", "timesteps", "beta_1", "beta_T", "diffusion_steps",
-                             "diffusion_batch", "diffusion_lr", "diffusion_warmup", "ema_decay",
-                             "grad_clip", "ckpt_every", "label_dropout", "tau", "gamma",
-                             "cbdm_prior", "alpha"),
+                             "unet_dropout", "timesteps", "diffusion_steps", "diffusion_batch",
+                             "diffusion_lr", "diffusion_warmup", "ema_decay", "grad_clip",
+                             "ckpt_every", "label_dropout", "cbdm_tau", "cbdm_gamma",
+                             "cbdm_prior", "aid_alpha"),
                "generate": ("sampler", "sample_steps", "eta", "guidance", "target_count",
                             "gen_batch"),
-               "filter": ("no_filter",), "classifier": ("synthetic_weight",),
-               "evaluate": ("eval_split",)}
-
-
-class ArgParser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit code 2, not argparse's usage block
-        raise BadInput(message)
-
-
-def parse_config(argv=None, method="diffult"):
-    parser = ArgParser(description=__doc__.splitlines()[0])
-    for f in dataclasses.fields(Config):
-        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
-        if f.type is bool or f.type == "bool":
-            parser.add_argument(flag, action="store_true", help=meta["help"].replace("%", "%%"))
-        else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            parser.add_argument(flag, type=typ, default=None, choices=meta["choices"],
-                                help=meta["help"].replace("%", "%%"))
-    args = vars(parser.parse_args(argv))
-    dataset = args["dataset"] or Config.dataset
-    values = {f.name: f.default for f in dataclasses.fields(Config)}
-    values.update(DEFAULTS[dataset])
-    if args["smoke"]:
-        values.update(SMOKE)
-    values.update({k: v for k, v in args.items() if v is not None and v is not False})
-    cfg = Config(**values)
-    # nan fails every comparison below unnoticed and inf passes most: floats must be finite first
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise BadInput(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
-    if not 0 <= cfg.seed < 2 ** 32:
-        raise BadInput(f"--seed must be in 0 .. 2^32 - 1 (numpy's seed range), got {cfg.seed}")
-    if cfg.imb < 1:
-        raise BadInput(f"--imb must be >= 1 (head/tail ratio), got {cfg.imb}")
-    for name in ("epochs", "batch_size", "image_size"):
-        if getattr(cfg, name) < 1:
-            raise BadInput(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.dataset != "imagenet_lt" and cfg.gen_size != cfg.image_size:
-        raise BadInput(f"--gen-size must equal the image size {cfg.image_size} on {cfg.dataset}")
-    cfg_unet(cfg)  # parses and checks the UNet fields
-    for name in ("timesteps", "diffusion_steps", "diffusion_batch", "diffusion_warmup",
-                 "ckpt_every", "sample_steps", "gen_batch", "unet_ch", "unet_blocks"):
-        if getattr(cfg, name) < 1:
-            raise BadInput(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.target_count is not None and cfg.target_count < 1:
-        raise BadInput(f"--target-count must be >= 1, got {cfg.target_count}")
-    if cfg.timesteps < 2 or cfg.sample_steps > cfg.timesteps:
-        raise BadInput(f"need 2 <= --timesteps and --sample-steps <= --timesteps, got "
-                       f"{cfg.timesteps} and {cfg.sample_steps}")
-    if not 0 < cfg.beta_1 < cfg.beta_T < 1:
-        raise BadInput(f"need 0 < --beta-1 < --beta-T < 1, got {cfg.beta_1}, {cfg.beta_T}")
-    for name in ("tau", "gamma", "alpha", "guidance", "eta", "unet_dropout",
-                 "weight_decay", "warmup_epochs", "workers"):
-        if not getattr(cfg, name) >= 0:
-            raise BadInput(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
-    for name, most in (("lr", lt_data.SGD_LR_MAX), ("diffusion_lr", lt_data.ADAM_LR_MAX)):
-        if not 0 < getattr(cfg, name) <= most:
-            raise BadInput(f"--{name.replace('_', '-')} must be > 0 and <= {most:.2g}, "
-                           f"got {getattr(cfg, name)}")
-    if cfg.unet_dropout >= 1 or cfg.eta > 1:
-        raise BadInput(f"need --unet-dropout < 1 and --eta <= 1 (1 = DDPM-like sampling), got "
-                       f"{cfg.unet_dropout} and {cfg.eta}")
-    if not 0 <= cfg.label_dropout < 1 or not 0 <= cfg.ema_decay < 1 or not cfg.grad_clip > 0:
-        raise BadInput("need 0 <= --label-dropout < 1, 0 <= --ema-decay < 1 and --grad-clip > 0")
-    if not cfg.synthetic_weight > 0:
-        raise BadInput(f"--synthetic-weight must be > 0, got {cfg.synthetic_weight}")
-    if cfg.guidance > 0 and cfg.label_dropout == 0:
-        raise BadInput("--guidance > 0 needs --label-dropout > 0 (the null label must be trained)")
-    if cfg.out is None:
-        cfg.out = os.path.join("runs", f"{method}_{cfg.dataset}_imb{cfg.imb:g}_seed{cfg.seed}")
-    return cfg
+               "filter": ("filter",), "classifier": ("synthetic_weight",),
+               "evaluate": ("eval_split", "la_tau")}
 
 
 # -------------------------------------------------------------------------------------------------
-# Classifier: ResNet-32 for CIFAR / digits (He et al. 2016, option-A shortcuts), ResNet-10 / 50
-# for ImageNet-LT. forward(x) -> logits; features(x) -> the pooled penultimate feature.
+# Classifier: ResNet-32 for CIFAR / digits (He et al. 2016, option-A shortcuts); torchvision's
+# ResNet-10 / ResNet-50 for ImageNet-LT. .features(x) is the penultimate feature, .fc the head.
 
 
 class BasicBlock(nn.Module):
@@ -283,9 +179,10 @@ class BasicBlock(nn.Module):
 
     def forward(self, x):
         out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        # Option A: subsample and zero-pad channels, no parameters in the shortcut.
-        short = x if self.pad is None else F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
-        return F.relu(out + short)
+        if self.pad is None:
+            return F.relu(out + x)
+        # Option A: subsample and zero-pad the channels; no parameters in the shortcut.
+        return F.relu(out + F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad)))
 
 
 class ResNet32(nn.Module):
@@ -313,107 +210,44 @@ class ResNet32(nn.Module):
         return self.fc(self.features(x))
 
 
-class Bottleneck(nn.Module):
-    """1x1 -> 3x3 (stride) -> 1x1 with 4x expansion (ResNet-50); projection shortcut on a change."""
+class TorchvisionResNet(torchvision.models.ResNet):
+    """torchvision's ImageNet ResNet with .features: ResNet-10 = BasicBlock [1, 1, 1, 1] (512-d,
+    the ImageNet-LT backbone of Liu et al. 2019), ResNet-50 = Bottleneck [3, 4, 6, 3] (2048-d)."""
 
-    def __init__(self, c_in, width, stride):
-        super().__init__()
-        c_out = 4 * width
-        self.body = nn.Sequential(
-            nn.Conv2d(c_in, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Conv2d(width, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
-        self.short = (nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
-                                    nn.BatchNorm2d(c_out))
-                      if stride != 1 or c_in != c_out else nn.Identity())
-
-    def forward(self, x):
-        return F.relu(self.body(x) + self.short(x))
-
-
-class ImageNetBlock(nn.Module):
-    """Two 3x3 convolutions (ResNet-10 / 18); projection shortcut on a change of shape."""
-
-    def __init__(self, c_in, width, stride):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(c_in, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Conv2d(width, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width))
-        self.short = (nn.Sequential(nn.Conv2d(c_in, width, 1, stride, bias=False),
-                                    nn.BatchNorm2d(width))
-                      if stride != 1 or c_in != width else nn.Identity())
-
-    def forward(self, x):
-        return F.relu(self.body(x) + self.short(x))
-
-
-class ResNet(nn.Module):
-    """ImageNet ResNet (He et al. 2016): 7x7 stem and max-pool, four stages of 64 / 128 / 256 / 512
-    widths. ResNet-10 = basic blocks [1, 1, 1, 1] (512-d feature, the ImageNet-LT backbone of
-    Liu et al. 2019); ResNet-50 = bottlenecks [3, 4, 6, 3] (2048-d feature). Random init."""
-
-    def __init__(self, arch, num_classes, in_channels=3):
-        super().__init__()
-        block, depths, expansion = {"resnet10": (ImageNetBlock, (1, 1, 1, 1), 1),
-                                    "resnet50": (Bottleneck, (3, 4, 6, 3), 4)}[arch]
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False),
-                                  nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1))
-        blocks, c_in = [], 64
-        for i, (width, depth) in enumerate(zip((64, 128, 256, 512), depths)):
-            for b in range(depth):
-                blocks.append(block(c_in, width, 2 if b == 0 and i > 0 else 1))
-                c_in = width * expansion
-        self.blocks = nn.Sequential(*blocks)
-        self.fc = nn.Linear(c_in, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    def features(self, x):  # (B, C, H, W) -> (B, 512 or 2048)
-        return self.blocks(self.stem(x)).mean((2, 3))
-
-    def forward(self, x):
-        return self.fc(self.features(x))
+    def features(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(self.avgpool(x), 1)
 
 
 def make_classifier(arch, num_classes, in_channels):
     if arch == "resnet32":
         return ResNet32(num_classes, in_channels)
-    return ResNet(arch, num_classes, in_channels)
+    resnet = torchvision.models.resnet
+    if arch == "resnet10":
+        return TorchvisionResNet(resnet.BasicBlock, [1, 1, 1, 1], num_classes=num_classes)
+    return TorchvisionResNet(resnet.Bottleneck, [3, 4, 6, 3], num_classes=num_classes)
 
 
 # -------------------------------------------------------------------------------------------------
 # Generator: the class-conditional UNet of pytorch-ddpm / CBDM (Ho et al. 2020, App. B): residual
 # blocks with a time + class embedding, self-attention at the listed resolutions, skip connections
-# between mirrored levels. forward(x_t, t, y) -> predicted noise eps, same shape as x_t.
-
-
-def cfg_unet(cfg):
-    """The UNet keyword arguments from the config; BadInput if they do not describe a UNet."""
-    try:
-        mult = tuple(int(m) for m in cfg.unet_mult.split(","))
-        attn = tuple(int(r) for r in cfg.unet_attn.split(",")) if cfg.unet_attn else ()
-    except ValueError:
-        raise BadInput(f"--unet-mult and --unet-attn take comma-separated integers, got "
-                       f"{cfg.unet_mult!r} and {cfg.unet_attn!r}") from None
-    if not mult or min(mult) < 1 or cfg.gen_size % 2 ** (len(mult) - 1):
-        raise BadInput(f"--gen-size {cfg.gen_size} must be divisible by 2^(levels - 1) for "
-                       f"--unet-mult {cfg.unet_mult}")
-    return dict(image_size=cfg.gen_size, ch=cfg.unet_ch, ch_mult=mult,
-                num_res_blocks=cfg.unet_blocks, attn_res=attn, dropout=cfg.unet_dropout)
+# between mirrored levels. forward(x_t, t, y) -> predicted noise eps, the shape of x_t.
 
 
 def group_norm(c):
-    # 32 groups as in pytorch-ddpm (all its layers have >= 128 channels); in the narrow digits /
-    # smoke nets the largest power of two that divides c and leaves >= 4 channels a group (ours).
+    # 32 groups as in pytorch-ddpm (all its layers have >= 128 channels); in the narrow digits and
+    # smoke nets, the most groups that still leave >= 4 channels a group (ours).
     groups = next(g for g in (32, 16, 8, 4, 2, 1) if c % g == 0 and 4 * g <= max(4, c))
     return nn.GroupNorm(groups, c)
 
 
 def timestep_embedding(t, dim):
-    """Sinusoidal embedding of the step index t (B,) -> (B, dim) (Vaswani et al. 2017, as DDPM)."""
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, device=t.device) / dim)
-    angles = t.float()[:, None] * freqs[None]  # (B, dim / 2)
+    """Sinusoidal embedding of integer steps t (B,) -> (B, dim) (Vaswani et al. 2017, as in DDPM):
+    [sin(t w_k), cos(t w_k)] with w_k = 10000^(-k / (dim / 2))."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
+    angles = t.float()[:, None] * freqs[None]  # (B, half)
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
@@ -426,9 +260,8 @@ class Attention(nn.Module):
         self.norm, self.qkv, self.proj = group_norm(c), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
 
     def forward(self, x):
-        # A 1x1 convolution is a linear map of each position's channels, so it is applied as one to
-        # the (B, 1 head, HW, C) rows: scaled_dot_product_attention takes its fused kernels only
-        # for 4-D (batch, heads, length, dim) inputs.
+        # A 1x1 convolution is a linear map of each position's channels: applied as one to the
+        # (B, 1 head, HW, C) rows, the 4-D shape scaled_dot_product_attention's fused kernels take.
         B, C, H, W = x.shape
         rows = self.norm(x).permute(0, 2, 3, 1).reshape(B, 1, H * W, C)
         q, k, v = F.linear(rows, self.qkv.weight.flatten(1), self.qkv.bias).chunk(3, dim=-1)
@@ -455,9 +288,9 @@ class ResBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """Class-conditional epsilon-prediction UNet. Label `num_classes` is the learned null class
-    used for classifier-free guidance (Ho & Salimans 2022). With the CIFAR configuration (ch 128,
-    ch_mult 1,2,2,2, 2 blocks, attention at 16x16) it has ~35.7 M parameters, as pytorch-ddpm."""
+    """Class-conditional epsilon-prediction UNet; label `num_classes` is the learned null class of
+    classifier-free guidance (Ho & Salimans 2022). The CIFAR configuration (ch 128, ch_mult
+    1,2,2,2, 2 blocks, attention at 16x16) has ~35.7 M parameters, as pytorch-ddpm's."""
 
     def __init__(self, num_classes, in_channels, image_size, ch, ch_mult, num_res_blocks,
                  attn_res, dropout):
@@ -506,16 +339,21 @@ class UNet(nn.Module):
         return self.tail(h)
 
 
+def make_unet(cfg, data):
+    return UNet(data.num_classes, data.channels, cfg.gen_size, cfg.unet_ch,
+                tuple(int(m) for m in cfg.unet_mult.split(",")), cfg.unet_blocks,
+                tuple(int(r) for r in cfg.unet_attn.split(",") if r), cfg.unet_dropout)
+
+
 # -------------------------------------------------------------------------------------------------
 # Diffusion math (Ho et al. 2020 = DDPM; Song et al. 2021 = DDIM). Step indices t are 0-based:
-# index t stands for the paper's step t + 1, so abar[t] = prod_{s <= t} (1 - betas[s]) and
-# abar[-1] ("before step 0") is 1. Schedules are float64 tensors on the CPU; `_at` gathers the
-# values for a batch of indices and moves them to the data's device and dtype.
+# index t is the paper's step t + 1, abar[t] = prod_{s <= t} (1 - beta_s), and "abar[-1]" = 1 is
+# the clean data. Schedules are float64 CPU tensors; _at gathers them for a batch of indices.
 
 
 def linear_schedule(T=1000, beta_1=1e-4, beta_T=0.02):
-    """DDPM Sec. 4: betas linear from beta_1 to beta_T over T steps. Returns (betas, alphas_bar),
-    float64, checked here: 0 < beta < 1 and alphas_bar strictly decreasing in (0, 1)."""
+    """DDPM Sec. 4: betas linear from beta_1 to beta_T over T steps. Returns (betas, abar) in
+    float64, checked here: 0 < beta < 1 and abar strictly decreasing and positive."""
     betas = torch.linspace(beta_1, beta_T, T, dtype=torch.float64)
     abar = torch.cumprod(1.0 - betas, dim=0)
     if not (((betas > 0) & (betas < 1)).all() and (abar[1:] < abar[:-1]).all() and abar[-1] > 0):
@@ -524,7 +362,7 @@ def linear_schedule(T=1000, beta_1=1e-4, beta_T=0.02):
 
 
 def _at(values, t, x):
-    """values[t] shaped (B, 1, 1, 1) for broadcasting against x. t: int or (B,) CPU tensor."""
+    """values[t] for a batch of indices t (or one int), shaped to broadcast against x."""
     v = values[t] if torch.is_tensor(t) else values[t].expand(x.shape[0])
     return v.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
 
@@ -535,117 +373,94 @@ def q_sample(x0, t, noise, abar):
 
 
 def predict_x0(x_t, t, eps, abar):
-    """Invert Eq. 4 for the clean image: x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
+    """Eq. 4 solved for the clean image: x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
     return (x_t - _at((1 - abar).sqrt(), t, x_t) * eps) / _at(abar.sqrt(), t, x_t)
 
 
-def predict_eps(x_t, t, x0, abar):
-    """Invert Eq. 4 for the noise: eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t)."""
-    return (x_t - _at(abar.sqrt(), t, x_t) * x0) / _at((1 - abar).sqrt(), t, x_t)
-
-
-def posterior(x0, x_t, t, betas, abar):
-    """DDPM Eqs. 6-7: q(x_{t-1} | x_t, x0) = N(mean, beta_tilde_t), with
-        mean = sqrt(abar_{t-1}) beta_t / (1 - abar_t) x0
+def ddpm_step(x_t, t, eps, betas, abar, noise):
+    """DDPM Algorithm 2, one step t -> t-1 (t an int), as pytorch-ddpm / CBDM sample: the mean of
+    the posterior q(x_{t-1} | x_t, x0_hat) (DDPM Eq. 7) at the unclipped x0_hat,
+        mean = sqrt(abar_{t-1}) beta_t / (1 - abar_t) x0_hat
                + sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) x_t,
-        beta_tilde_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t.
-    Returns (mean, variance shaped (B, 1, 1, 1))."""
+    plus sqrt(beta_t) z (their 'fixedlarge' variance). No noise at the last step; only the final
+    image is clipped to [-1, 1] (by the caller)."""
     abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
     c0 = abar_prev.sqrt() * betas / (1 - abar)
     ct = (1 - betas).sqrt() * (1 - abar_prev) / (1 - abar)
-    var = (1 - abar_prev) / (1 - abar) * betas
-    return _at(c0, t, x_t) * x0 + _at(ct, t, x_t) * x_t, _at(var, t, x_t)
+    mean = _at(c0, t, x_t) * predict_x0(x_t, t, eps, abar) + _at(ct, t, x_t) * x_t
+    return mean if t == 0 else mean + _at(betas, t, x_t).sqrt() * noise
 
 
-def ddpm_step(x_t, t, eps, betas, abar, noise, variance="beta"):
-    """DDPM Algorithm 2, one step t -> t-1 (t an int): x0_hat from eps, clipped to [-1, 1] as in
-    Ho et al.'s code; mean of the posterior at x0_hat; variance sigma_t^2 = beta_t (pytorch-ddpm's
-    'fixedlarge', its CIFAR default) or beta_tilde_t ('posterior'). No noise is added at the last
-    step, so the variance there does not matter."""
-    x0 = predict_x0(x_t, t, eps, abar).clamp(-1, 1)
-    mean, var = posterior(x0, x_t, t, betas, abar)
-    if t == 0:
-        return mean
-    if variance == "beta":
-        var = _at(betas, t, x_t)
-    return mean + var.sqrt() * noise
-
-
-def ddim_step(x_t, t, t_prev, eps, abar, eta=0.0, noise=None):
-    """DDIM Eq. 12, one step t -> t_prev (t_prev = -1 means 'to x0'): x0_hat from eps (clipped to
-    [-1, 1] and eps re-derived from it, as guided-diffusion does), then
-    x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps + sigma z, with
-    sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev). eta = 0 is
-    deterministic."""
-    x0 = predict_x0(x_t, t, eps, abar).clamp(-1, 1)
-    eps = predict_eps(x_t, t, x0, abar)
-    a_t = abar[t]
-    a_prev = abar[t_prev] if t_prev >= 0 else abar.new_ones(())
-    sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
-    out = a_prev.sqrt().item() * x0 + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt().item() * eps
-    return out + sigma.item() * noise if eta > 0 else out
+def ddim_step(x_t, eps, a_t, a_prev, eta=0.0, noise=None, clip=None):
+    """DDIM Eq. 12 (Song et al. 2021), one step from abar = a_t to a_prev (floats; 1 = the data):
+        x_prev = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma^2) eps + sigma z,
+        sigma = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev)   (Eq. 16),
+    eta = 0 deterministic, eta = 1 DDPM-like. clip = (lo, hi), numbers or per-dimension tensors:
+    x0_hat is clamped into that range and eps re-derived from it (as guided-diffusion does)."""
+    x0 = (x_t - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
+    if clip is not None:
+        x0 = x0.clamp(*clip)
+        eps = (x_t - a_t ** 0.5 * x0) / (1 - a_t) ** 0.5
+    sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
+    x_prev = a_prev ** 0.5 * x0 + max(1 - a_prev - sigma ** 2, 0.0) ** 0.5 * eps
+    return x_prev if noise is None else x_prev + sigma * noise
 
 
 def guided_eps(model, x_t, t, y, w, null_label):
-    """Classifier-free guidance (Ho & Salimans 2022) in CBDM's convention:
-    eps = eps(x_t, y) + w (eps(x_t, y) - eps(x_t, null)) = (1 + w) eps(y) - w eps(null), so w = 0 is
-    the plain conditional model and CBDM's w = 1.6 weighs the conditional prediction by 2.6.
-    Both predictions come from one batched forward pass."""
+    """Classifier-free guidance (Ho & Salimans 2022) in CBDM's convention, from one batched pass:
+    eps = (1 + w) eps(x_t, y) - w eps(x_t, null); w = 0 is the plain conditional model. Both
+    predictions are cast to fp32 before they are combined: in bf16 the combination would amplify
+    their rounding about (1 + 2 w) = 4x."""
     tt = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
     if w == 0:
-        return model(x_t, tt, y)
+        return model(x_t, tt, y).float()
     eps_c, eps_u = model(torch.cat([x_t, x_t]), torch.cat([tt, tt]),
-                         torch.cat([y, torch.full_like(y, null_label)])).chunk(2)
+                         torch.cat([y, torch.full_like(y, null_label)])).float().chunk(2)
     return (1 + w) * eps_c - w * eps_u
 
 
 @torch.no_grad()
-def sample(model, labels, betas, abar, generator, sampler="ddim", steps=50, w=1.6, eta=0.0,
-           null_label=None, channels=1, size=8, bf16=False):
-    """Draw one image per label, returned in [-1, 1]. x_T and every injected noise come from the
-    CPU `generator`, so a shard is a pure function of its generator seed. ddpm: all T ancestral
-    steps (DDPM Algorithm 2); ddim: `steps` evenly spaced steps (DDIM Sec. 4.2). bf16: the model
-    runs in bf16 autocast; the update steps stay in fp32."""
-    device = labels.device
-
-    def randn():
-        return torch.randn(len(labels), channels, size, size, generator=generator).to(device)
+def sample(model, labels, cfg, shape, betas, abar, null_label, bf16=False):
+    """One image per label, in [-1, 1], from the global RNG (seeded per shard by the caller).
+    ddpm: all T ancestral steps (DDPM Algorithm 2); ddim: cfg.sample_steps evenly spaced steps
+    from T - 1 down to 0 (DDIM Sec. 4.2), clipping x0_hat to the image range."""
+    x = torch.randn(len(labels), *shape, device=labels.device)  # x_T ~ N(0, I)
 
     def eps(x, t):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            return guided_eps(model, x, t, labels, w, null_label).float()
+        with torch.autocast(labels.device.type, dtype=torch.bfloat16, enabled=bf16):
+            return guided_eps(model, x, t, labels, cfg.guidance, null_label)
 
-    x = randn()  # x_T ~ N(0, I)
     T = len(betas)
-    if sampler == "ddpm":
+    if cfg.sampler == "ddpm":
         for t in range(T - 1, -1, -1):
-            x = ddpm_step(x, t, eps(x, t), betas, abar, randn() if t > 0 else None)
-        return x
-    ts = torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long().tolist()
+            x = ddpm_step(x, t, eps(x, t), betas, abar, torch.randn_like(x) if t else None)
+        return x.clamp(-1, 1)
+    ts = torch.linspace(T - 1, 0, cfg.sample_steps, dtype=torch.float64).round().long().tolist()
     for i, t in enumerate(ts):
-        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-        x = ddim_step(x, t, t_prev, eps(x, t), abar, eta, randn() if eta > 0 else None)
+        a_prev = abar[ts[i + 1]].item() if i + 1 < len(ts) else 1.0
+        noise = torch.randn_like(x) if cfg.eta > 0 else None
+        x = ddim_step(x, eps(x, t), abar[t].item(), a_prev, cfg.eta, noise, clip=(-1, 1))
     return x
 
 
 # -------------------------------------------------------------------------------------------------
-# Losses: the CBDM regulariser, DiffuLT's AID-biased loss (our reading), the ID / AID / OOD rule,
-# and the class prior of the DiffuLT classifier's data. DiffuLT's weighted CE is the shared
-# core's weighted_ce (used by train_classifier below).
+# Losses: CBDM's regulariser, DiffuLT's AID-biased loss (our reading) and its ID / AID / OOD rule.
 
 
 def cbdm_loss(eps_y, eps_yp, t, T, tau=1.0, gamma=0.25):
     """CBDM regulariser (Qin et al. 2023, the official code's form), per sample (B,):
         tau * (t / T) * ( ||eps(x_t, y) - sg(eps(x_t, y'))||^2
                           + gamma * ||sg(eps(x_t, y)) - eps(x_t, y')||^2 )
-    with sg = stop-gradient and ||.||^2 the mean over pixels (as CBDM's F.mse_loss). The first term
-    pulls the conditional prediction towards the prediction for a class-balanced label y'; the
-    second (commitment) term moves the y' prediction back by a quarter of the force. t are 0-based
-    indices; t / T uses the paper's step t + 1 (CBDM's code uses t; the difference is <= 1 / T)."""
+    with sg = stop-gradient and ||.||^2 the mean over pixels (CBDM's F.mse_loss). The first term
+    pulls the conditional prediction towards that for a class-balanced label y'; the commitment
+    term moves the y' prediction back with gamma of the force. In fp32: at high t, where the
+    weight t / T is largest, the two predictions nearly agree and a bf16 difference would be
+    mostly rounding. t are 0-based indices: t / T uses the paper's step t + 1 (CBDM's code uses
+    t; the difference is <= 1 / T)."""
+    eps_y, eps_yp = eps_y.float(), eps_yp.float()
     reg = (eps_y - eps_yp.detach()).square().flatten(1).mean(1)
     com = (eps_y.detach() - eps_yp).square().flatten(1).mean(1)
-    weight = tau * (t.to(eps_y.device, eps_y.dtype) + 1) / T
-    return weight * (reg + gamma * com)
+    return tau * (t.to(eps_y.device, torch.float32) + 1) / T * (reg + gamma * com)
 
 
 def band(distance, radius):
@@ -655,388 +470,697 @@ def band(distance, radius):
 
 
 def aid_loss(feats, centres, radii, abar_t):
-    """AID-biased loss, per sample (B,). THE FORMULA IS OURS: DiffuLT says phi is used during
-    diffusion training to favour AID samples by penalising ID and OOD ones, but its equation is
-    not available to us. Our reading: with feats = phi(x0_hat) of the model's clean-image estimate
-    x0_hat = (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t), r = ||feats - c_y|| / d_f(y) and
-        L_AID = abar_t * ( relu(1 - r) + relu(r - 2) ),
-    zero inside the AID band 1 <= r <= 2 and growing linearly outside it; abar_t down-weights high
-    noise levels, where x0_hat is a blur and its distance means little."""
-    r = (feats - centres).norm(dim=1) / radii
+    """AID-biased loss, per sample (B,). THE FORMULA IS OURS: DiffuLT uses phi during diffusion
+    training to favour AID samples by penalising ID and OOD ones, but its equation is not
+    available to us. With feats = phi(x0_hat) of the model's clean-image estimate,
+    r = ||feats - c_y|| / d_f(y) and
+        L_AID = abar_t * ( relu(1 - r) + relu(r - 2) ):
+    zero inside the AID band 1 <= r <= 2 and linear outside it; abar_t down-weights high noise
+    levels, where x0_hat is a blur and its distance means little."""
+    r = (feats.float() - centres).norm(dim=1) / radii
     return abar_t * (F.relu(1 - r) + F.relu(r - 2))
 
 
+def weighted_ce(logits, y, w=None):
+    """DiffuLT's classifier loss: mean_i w_i CE_i, w_i = 1 for real and omega for synthetic
+    images (plain CE when w is None)."""
+    loss = F.cross_entropy(logits, y, reduction="none")
+    return (loss if w is None else loss * w).mean()
+
+
 def training_prior(real_counts, kept_counts, omega):
-    """Class prior of the data the DiffuLT classifier was trained on, for DiffuLT+LA: each
-    synthetic sample counts at its CE weight omega, so n_c = real_c + omega * kept_c."""
-    return [r + omega * k for r, k in zip(real_counts, kept_counts)]
+    """The class prior of DiffuLT's training data for DiffuLT+LA: every synthetic image counts at
+    its CE weight, n_c = real_c + omega * kept_c."""
+    return [n + omega * k for n, k in zip(real_counts, kept_counts)]
 
 
 # -------------------------------------------------------------------------------------------------
-# Batches: uint8 images from lt_data, augmented and normalised on the device.
-
-
-def batches(dataset, batch_size, generator=None, workers=0, shard=False):
-    """Yield (uint8 images, labels, indices). Shuffled with `generator` if given, else in order.
-    In-memory datasets are sliced directly; datasets on disk go through a DataLoader. shard=True
-    (training under several processes): `indices` is the whole global batch, the images and labels
-    only this rank's rows of it (my_rows)."""
-    n = len(dataset)
-    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    chunks = list(order.split(batch_size))
-    mine = [c[my_rows(len(c))] for c in chunks] if shard else chunks
-    if hasattr(dataset, "images"):
-        for idx, rows in zip(chunks, mine):
-            yield dataset.images[rows], dataset.labels[rows], idx
-        return
-    loader = iter(torch.utils.data.DataLoader(
-        dataset, batch_sampler=[m.tolist() for m in mine if len(m)], num_workers=workers))
-    for idx, rows in zip(chunks, mine):
-        if len(rows):  # a rank with no row of a small last batch yields an empty slice instead
-            x, y = next(loader)
-        yield x[:len(rows)], y[:len(rows)], idx
-
-
-def augment_draws(n, generator, pad, flip):
-    """The random draws of augment() for n samples, from the CPU `generator`: crop offsets dy, dx
-    and (if flip, else None) flip flags, each (n, 1, 1, 1). Drawn for a whole global batch, they
-    are applied to any rows of it with [d[rows] for d in draws]."""
-    dy = torch.randint(0, 2 * pad + 1, (n, 1, 1, 1), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (n, 1, 1, 1), generator=generator)
-    m = (torch.rand(n, generator=generator) < 0.5).view(n, 1, 1, 1) if flip else None
-    return dy, dx, m
-
-
-def augment(x, draws, pad):
-    """Random crop with `pad` zero padding and horizontal flip, per sample: x uint8 (B, C, H, W) on
-    any device, draws = augment_draws(B, ...) (or rows of it) for these B samples."""
-    B, C, H, W = x.shape
-    dy, dx, m = (d if d is None else d.to(x.device) for d in draws)
-    xp = F.pad(x, (pad, pad, pad, pad))
-    rows = (dy + torch.arange(H, device=x.device).view(1, 1, H, 1)).expand(B, C, H, W + 2 * pad)
-    x = xp.gather(2, rows)  # (B, C, H, W + 2 pad)
-    cols = (dx + torch.arange(W, device=x.device).view(1, 1, 1, W)).expand(B, C, H, W)
-    x = x.gather(3, cols)  # (B, C, H, W)
-    if m is not None:
-        x = torch.where(m, x.flip(3), x)
-    return x
-
-
-def read_rows(dataset, idx):
-    """(uint8 images, labels) of the dataset rows idx, read directly."""
-    if hasattr(dataset, "images"):
-        return dataset.images[idx], dataset.labels[idx]
-    if len(idx) == 0:
-        return dataset[0][0][None, :0], torch.zeros(0, dtype=torch.long)
-    x, y = torch.utils.data.default_collate([dataset[i] for i in idx.tolist()])
-    return x, y
-
-
-def normalise(x, mean, std):
-    """uint8 (B, C, H, W) -> float, scaled to [0, 1] then standardised per channel."""
-    mean = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
-    return (x.float() / 255.0 - mean) / std
-
-
-# -------------------------------------------------------------------------------------------------
-# Several processes and the speed switches. `torchrun --nproc_per_node N diffult.py ...` starts N
-# processes (ranks), one per device. The training stages run on every rank under
-# DistributedDataParallel (DDP): every rank draws the same global batch from the same seeded
-# generators and computes the loss of its own rows of it; DDP averages the gradients. Rank 0 alone
-# writes the files every rank shares. A plain `python diffult.py` is one rank, and all of this then
-# leaves its computation as it was.
-
-
-def world_size():
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def rank():
-    # Before the process group exists (while parsing flags) torchrun's RANK says which one we are.
-    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
-
-
-def is_main():
-    return rank() == 0
-
-
-def barrier():
-    """Wait until every rank is here (e.g. until rank 0 has written what the others read next)."""
-    if world_size() > 1:
-        dist.barrier()
-
-
-def from_main(value):
-    """Rank 0's `value` (small, picklable) on every rank, so that all ranks take its decisions."""
-    if world_size() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def agree(fn, *args, **kwargs):
-    """fn(*args, **kwargs) on every rank. A BadInput or diverged loss it raises on any rank is
-    raised on all of them: every rank then exits with its exit code (and rank 0 prints it),
-    instead of waiting at the next collective for a rank that has gone."""
-    result, error = None, None
-    try:
-        result = fn(*args, **kwargs)
-    except (BadInput, FloatingPointError) as e:
-        error = e
-    if world_size() > 1:
-        errors = [None] * world_size()
-        dist.all_gather_object(errors, error)
-        error = next((e for e in errors if e is not None), None)
-    if error is not None:
-        raise error
-    return result
-
-
-def on_main(fn, *args):
-    """fn(*args) on rank 0 alone while the others wait (errors shared as by agree); its result on
-    rank 0, None elsewhere."""
-    return agree(lambda: fn(*args) if is_main() else None)
-
-
-def dist_setup(cfg):
-    """This process's device. Under torchrun (WORLD_SIZE > 1) also join the process group: NCCL
-    with one GPU per process, GPU number LOCAL_RANK, on CUDA; gloo on CPU."""
-    device = lt_data.pick_device(cfg.device)
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    elif device.type != "cpu":
-        raise BadInput(f"several processes need --device cuda or cpu, not {device.type}")
-    if not dist.is_initialized():
-        # Long timeout: the other ranks wait at a barrier while rank 0 alone filters the generated
-        # images, which on ImageNet-LT (~1.2 M images) can outlast the default 10 minutes of NCCL.
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(hours=2))
-    if min(cfg.batch_size, cfg.diffusion_batch) < world_size():
-        raise BadInput(f"--batch-size and --diffusion-batch must be at least the number of "
-                       f"processes, {world_size()}")
-    return device
-
-
-def dist_cleanup():
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def my_rows(n):
-    """This rank's rows of a global batch of n samples, a slice: the ranks take consecutive blocks
-    of n // world rows, the first n % world ranks one row more (so rank 0 always has rows; another
-    rank may have none when n < world size, and then still takes part in DDP's averaging)."""
-    q, extra = divmod(n, world_size())
-    start = rank() * q + min(rank(), extra)
-    return slice(start, start + q + (rank() < extra))
-
-
-def global_mean(loss, n):
-    """The mean over a global batch of n samples of the per-sample `loss` (this rank's rows).
-    DDP averages the ranks' gradients, so each rank returns its sum times world size / n: their
-    average is then exactly the gradient of the global mean, also when n does not divide evenly
-    (a per-rank mean would weigh the samples of a rank with fewer rows more). One process: the
-    plain mean."""
-    if world_size() == 1:
-        return loss.mean()
-    return loss.sum() * (world_size() / n)
-
-
-def synced_mean(total, count):
-    """total / count, averaged over ranks (each rank holds its global_mean sums): the one
-    host-device sync of a log interval. Every rank gets the same number, so a diverged loss stops
-    all ranks together."""
-    if world_size() > 1:
-        dist.all_reduce(total)
-        total = total / world_size()
-    return total.item() / count
-
-
-def use_bf16(cfg, device):
-    """--precision: bf16 autocast, or fp32. auto = bf16 on CUDA devices that support it, so CPU
-    runs compute exactly as without the switch."""
-    bf16_ok = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
-    if cfg.precision == "bf16" and not bf16_ok:
-        raise BadInput(f"--precision bf16 is not supported on {device}; use --precision fp32")
-    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"
-                                       and bf16_ok)
-
-
-def autocast(device, bf16):
-    """Context for a forward pass: with bf16, matrix products and convolutions run in bf16 (losses,
-    norms and softmax stay fp32, autocast's rules); without, nothing changes."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
-
-def place(model, cfg, device):
-    """`model` on the device, in channels_last memory format if --channels-last says so (auto: on
-    CUDA, where cuDNN's convolutions, tensor-core ones above all, are faster in it). A convolution
-    with channels_last weights returns channels_last activations: the inputs need no conversion."""
-    model.to(device)
-    if cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda"):
-        model.to(memory_format=torch.channels_last)
-    return model
-
-
-def for_training(model, cfg, device):
-    """What a training loop calls: `model` wrapped in DDP under several processes, and compiled
-    with --compile. The wrappers share `model`'s weights, so checkpoints keep saving `model`."""
-    net = DDP(model, device_ids=[device] if device.type == "cuda" else None) \
-        if world_size() > 1 else model
-    return torch.compile(net) if cfg.compile else net
-
-
-# -------------------------------------------------------------------------------------------------
-# Stage 1 recipe: CE (optionally per-sample weighted) with SGD, warm-up and step decay.
+# Stage-1 recipe: CE with SGD, LDAM-DRW's schedule, random crop + flip on the device.
 
 
 def lr_at(epoch, cfg):
-    """Linear warm-up over the first epochs, then x0.1 at 80% and 90% of training (160 / 180 of
-    200 in the paper's recipe)."""
-    if epoch < cfg.warmup_epochs:
-        return cfg.lr * (epoch + 1) / cfg.warmup_epochs
-    return cfg.lr * 0.1 ** ((epoch >= int(0.8 * cfg.epochs)) + (epoch >= int(0.9 * cfg.epochs)))
+    """LDAM-DRW's adjust_learning_rate for the 1-based epoch e: lr * e / warm-up for the first
+    epochs, then lr, lr * 0.01 after 80 % of the epochs and lr * 1e-4 after 90 % (after epochs
+    160 and 180 of 200)."""
+    e = epoch + 1
+    if e <= cfg.warmup_epochs:
+        return cfg.lr * e / cfg.warmup_epochs
+    if e > int(0.9 * cfg.epochs):
+        return cfg.lr * 1e-4
+    if e > int(0.8 * cfg.epochs):
+        return cfg.lr * 0.01
+    return cfg.lr
 
 
-def mixup_draw(alpha, n, generator):
-    """Mixup (Zhang et al. 2018): lam ~ Beta(alpha, alpha), one per batch, and a random pairing of
-    the n samples. torch's Beta sampler takes no generator, so lam comes from a numpy Generator
-    seeded by a draw from `generator`: every random number still derives from it."""
-    seed = int(torch.randint(2 ** 62, (1,), generator=generator))
-    lam = float(np.random.default_rng(seed).beta(alpha, alpha))
-    return lam, torch.randperm(n, generator=generator)
+def augment(x, pad, flip):
+    """RandomCrop(size, padding=pad) and, if flip, a horizontal flip, per image of the uint8 batch
+    x (B, C, H, W), on its device, with draws from the global RNG."""
+    B, C, H, W = x.shape
+    dy, dx = (torch.randint(0, 2 * pad + 1, (B, 1, 1, 1), device=x.device) for _ in range(2))
+    xp = F.pad(x, (pad, pad, pad, pad))
+    rows = (dy + torch.arange(H, device=x.device).view(1, 1, H, 1)).expand(B, C, H, W + 2 * pad)
+    cols = (dx + torch.arange(W, device=x.device).view(1, 1, 1, W)).expand(B, C, H, W)
+    x = xp.gather(2, rows).gather(3, cols)  # (B, C, H, W)
+    if flip:
+        x = torch.where(torch.rand(B, 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
+    return x
 
 
-def weighted_ce(logits, y, idx, weights):
-    """Per-sample CE_i, times w_i = weights[idx_i] if weights is given."""
-    loss = F.cross_entropy(logits, y, reduction="none")
-    return loss if weights is None else loss * weights[idx].to(logits.device)
+def normalise(x, data):
+    """uint8 (B, C, H, W) -> float, scaled to [0, 1] then standardised per channel."""
+    mean = torch.tensor(data.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(data.std, device=x.device).view(1, -1, 1, 1)
+    return (x.float() / 255.0 - mean) / std
 
 
-def all_finite(*modules):
-    """True if every floating-point weight and buffer of the modules is finite. Checked before
-    each checkpoint is written: an update can overflow although the loss before it was finite."""
-    return all(bool(torch.isfinite(v).all()) for m in modules for v in m.state_dict().values()
-               if v.is_floating_point())
+def batches(dataset, order, batch_size, workers):
+    """(uint8 images, labels, indices) of `dataset` in `order`, batch by batch: in-memory images
+    are sliced directly, others read through a DataLoader (ImageNet-LT: with its transforms)."""
+    chunks = order.split(batch_size)
+    if in_memory(dataset):
+        for idx in chunks:
+            yield dataset.images[idx], dataset.labels[idx], idx
+        return
+    loader = torch.utils.data.DataLoader(dataset, batch_size, sampler=order.tolist(),
+                                         num_workers=workers)
+    for (x, y), idx in zip(loader, chunks):
+        yield x, y, idx
 
 
-def train_classifier(model, dataset, data, cfg, device, ckpt_path, weights=None, desc="classifier",
-                     mixup_alpha=0.0):
-    """Train `model` on `dataset` (uint8 images) with loss = mean_i w_i * CE_i (w = 1 if weights is
-    None). mixup_alpha > 0 trains on mixed pairs, lam * CE(y_i) + (1 - lam) * CE(y_pair(i)) (the
-    official LDMLR code uses 0.5); 0 = off, and then no extra random draw is made. One checkpoint
-    per epoch; a rerun resumes from the last one. The batch order, the augmentation and the mixup
-    draws of epoch e come from a generator seeded with (seed, e), so a resumed run matches an
-    uninterrupted one. Under several processes every rank makes all these draws for the whole
-    global batch and trains on its own rows of it (my_rows, global_mean)."""
+def train_classifier(model, dataset, data, cfg, device, ckpt_path, key, weights=None):
+    """Train `model` on `dataset` with loss = mean_i w_i CE_i (w = 1 without weights), SGD with
+    momentum 0.9 and lr_at's schedule. One checkpoint per epoch, resumed from. Epoch e shuffles
+    with a generator seeded by (seed, key, e) and reseeds the augmentation's RNG from (seed, key,
+    e, rank), so a resumed run repeats an uninterrupted one. Each rank trains on its share of the
+    epoch's order; DDP averages the gradients."""
     place(model, cfg, device)
-    if world_size() > 1 and device.type == "cuda":
-        # SyncBatchNorm: batch statistics over the global batch, as one process computes them.
-        # Per-rank BatchNorm would normalise each rank's rows by the statistics of those rows
-        # alone, a smaller, noisier batch that changes with the number of GPUs. torch implements
-        # SyncBatchNorm for GPUs only; on CPU (gloo) each rank keeps per-rank statistics.
+    if world() > 1 and device.type == "cuda":  # batch statistics over every rank's images
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     opt_ = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9,
                            weight_decay=cfg.weight_decay)
-    start = 0
-    if os.path.isfile(ckpt_path):  # every rank resumes from the same checkpoint
-        ckpt = lt_data.load_checkpoint(ckpt_path, keys=("epoch",),
-                                       into={"model": model, "optimizer": opt_})
-        start = ckpt["epoch"] + 1
-        log(f"{desc}: resuming after {start} of {cfg.epochs} epochs")
+    start = resume(ckpt_path, {"model": model, "optimizer": opt_}, "epoch", -1) + 1
+    if start:
+        log(f"{key}: resuming after {start} of {cfg.epochs} epochs")
     net, bf16 = for_training(model, cfg, device), use_bf16(cfg, device)
-    if hasattr(dataset, "images"):  # in memory: on the device once, not batch by batch
+    if in_memory(dataset):  # on the device once, not batch by batch
         dataset = lt_data.TensorImages(dataset.images.to(device), dataset.labels.to(device))
     weights = None if weights is None else weights.to(device)
-    pad, flip = max(1, data.image_size // 8), data.name != "digits"  # mirrored digits are not digits
-    steps_per_epoch = -(-len(dataset) // cfg.batch_size)
-    bar = tqdm(range(start, cfg.epochs), desc=desc, initial=start, total=cfg.epochs, unit="ep",
-               disable=not is_main())
+    pad, flip = max(1, data.image_size // 8), data.name != "digits"  # a mirrored digit is none
+    bar = tqdm(range(start, cfg.epochs), key, initial=start, total=cfg.epochs, unit="ep",
+               disable=rank() > 0)
     for epoch in bar:
         for g in opt_.param_groups:
             g["lr"] = lr_at(epoch, cfg)
+        order = torch.randperm(len(dataset), generator=rng(cfg.seed, key, epoch))
+        order = order[:len(order) - len(order) % world()][rank()::world()]  # equal shares
+        torch.manual_seed(seed_of(cfg.seed, key, epoch, rank()))
         model.train()
-        gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
-        total = torch.zeros((), device=device)
-        t0 = time.time()
-        for x, y, idx in batches(dataset, cfg.batch_size, gen, cfg.workers, shard=True):
-            B, rows = len(idx), my_rows(len(idx))  # idx: the global batch; x, y: this rank's rows
-            crop = augment_draws(B, gen, pad, flip)
-            x = normalise(augment(x.to(device, non_blocking=True),
-                                  [d if d is None else d[rows] for d in crop], pad),
-                          data.mean, data.std)
-            y = y.to(device, non_blocking=True)
-            if mixup_alpha > 0:
-                lam, perm = mixup_draw(mixup_alpha, B, gen)
-                pair = perm[rows]  # the partners of this rank's rows, anywhere in the global batch
-                if world_size() == 1:
-                    x_pair, y_pair = x[pair.to(device)], y[pair.to(device)]
-                else:  # partners may be rows of other ranks: read and augment them here
-                    x_pair, y_pair = read_rows(dataset, idx[pair])
-                    x_pair = normalise(augment(x_pair.to(device),
-                                               [d if d is None else d[pair] for d in crop], pad),
-                                       data.mean, data.std)
-                    y_pair = y_pair.to(device)
-                x = lam * x + (1 - lam) * x_pair
+        total, t0 = torch.zeros((), device=device), time.time()
+        for x, y, idx in batches(dataset, order, cfg.batch_size // world(), cfg.workers):
+            x = x.to(device, non_blocking=True)
+            x = normalise(augment(x, pad, flip) if in_memory(dataset) else x, data)
             with autocast(device, bf16):
-                out = net(x).float()  # (rows, classes); the loss in fp32
-            loss = weighted_ce(out, y, idx[rows], weights)
-            if mixup_alpha > 0:
-                loss = lam * loss + (1 - lam) * weighted_ce(out, y_pair, idx[pair], weights)
-            loss = global_mean(loss, B)
+                logits = net(x).float()
+            w = None if weights is None else weights[idx.to(device)]
+            loss = weighted_ce(logits, y.to(device), w)
             opt_.zero_grad(set_to_none=True)
             loss.backward()
             opt_.step()
             total += loss.detach()
-        mean_loss = synced_mean(total, steps_per_epoch)  # one sync per epoch, not per step
-        if not math.isfinite(mean_loss):
-            raise FloatingPointError(f"{desc}: loss became {mean_loss} in epoch {epoch}; the last "
-                                     f"good checkpoint is kept at {ckpt_path}")
-        if not all_finite(model):
-            raise FloatingPointError(f"{desc}: the weights became non-finite in epoch {epoch}; the "
-                                     f"last good checkpoint is kept at {ckpt_path}")
-        bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{len(dataset) / (time.time() - t0):.0f}")
-        if is_main():
-            lt_data.atomic_save({"model": model.state_dict(), "optimizer": opt_.state_dict(),
-                                 "epoch": epoch, "config": dataclasses.asdict(cfg)}, ckpt_path)
+        mean_loss = total.item() / max(1, -(-len(order) // (cfg.batch_size // world())))
+        check_finite(mean_loss, [model], key, f"epoch {epoch + 1}", ckpt_path)
+        bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{len(order) / (time.time() - t0):.0f}")
+        save(ckpt_path, model=model.state_dict(), optimizer=opt_.state_dict(), epoch=epoch,
+             config=dataclasses.asdict(cfg))
     return model
 
 
 @torch.no_grad()
-def predict(model, dataset, data, device, batch_size=512, workers=0):
-    """Logits (N, C) and penultimate features (N, D) on un-augmented images, in dataset order."""
+def predict(model, dataset, data, device, workers=0, batch_size=512):
+    """Logits (N, C) and penultimate features (N, D) of un-augmented images, in dataset order."""
     model.eval().to(device)
     logits, feats = [], []
-    for x, _, _ in batches(dataset, batch_size, None, workers):
-        f = model.features(normalise(x.to(device), data.mean, data.std))
+    for x, _, _ in batches(dataset, torch.arange(len(dataset)), batch_size, workers):
+        f = model.features(normalise(x.to(device), data))
         feats.append(f.float().cpu())
         logits.append(model.fc(f).float().cpu())
     return torch.cat(logits), torch.cat(feats)
 
 
 # -------------------------------------------------------------------------------------------------
-# Stages: <out>/<stage>/ holds a stage's files; <out>/<stage>/done.json marks it finished.
-
-STAGES = ["baseline", "diffusion", "generate", "filter", "classifier", "evaluate"]
+# DiffuLT's stages. Each writes <out>/<stage>/ and returns the record that goes into done.json.
 
 
-def stage_dir(cfg, stage):
-    path = os.path.join(cfg.out, stage)
-    os.makedirs(path, exist_ok=True)
-    return path
+def to_unit(x):
+    """uint8 [0, 255] -> float [-1, 1], the range the generator works in."""
+    return x.float() / 127.5 - 1.0
 
 
-def is_done(cfg, stage):
-    return os.path.isfile(os.path.join(cfg.out, stage, "done.json"))
+def to_uint8(x):
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def mark_done(cfg, stage, info):
-    lt_data.atomic_json(info, os.path.join(cfg.out, stage, "done.json"))
+def resize(x, size):
+    """Bilinear resize of float (B, C, H, W), antialiased when shrinking; a no-op at equal size
+    (only imagenet_lt generates at another size than the classifier's input)."""
+    if x.shape[-1] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=x.shape[-1] > size)
+
+
+def phi_input(x, data):
+    """Images in [-1, 1] at the generator's size -> the classifier's normalised input; the same as
+    normalise() of the uint8 image, but differentiable, so L_AID's gradient flows through it."""
+    mean = torch.tensor(data.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(data.std, device=x.device).view(1, -1, 1, 1)
+    return (resize((x + 1) / 2, data.image_size) - mean) / std
+
+
+def load_classifier(cfg, data, stage, device):
+    """The classifier trained by `stage`, frozen, in eval mode (BatchNorm's running statistics)."""
+    model = make_classifier(cfg.arch, data.num_classes, data.channels)
+    load_checkpoint(os.path.join(cfg.out, stage, "ckpt.pt"), into={"model": model})
+    return place(model, cfg, device).eval().requires_grad_(False)
+
+
+def stage_baseline(cfg, data, device):
+    """Stage 1: the CE classifier = the CE row and phi. Class centres c_y and radii d_f(y) of the
+    real, un-augmented training features."""
+    folder = os.path.join(cfg.out, "baseline")
+    torch.manual_seed(seed_of(cfg.seed, "stage-1 init"))  # as ldmlr.py: one shared CE baseline
+    model = make_classifier(cfg.arch, data.num_classes, data.channels)
+    model = train_classifier(model, data.train, data, cfg, device,
+                             os.path.join(folder, "ckpt.pt"), "stage-1")
+    if rank() > 0:
+        return {}
+    _, feats = predict(model, data.train_plain, data, device, cfg.workers)
+    labels = data.train.labels
+    centres = torch.stack([feats[labels == c].mean(0) for c in range(data.num_classes)])
+    # d_f(y) = the radius of the real class cloud: the largest distance of a real image of class y
+    # to c_y. OURS: the paper's wording of d_f is not available to us (one secondary source reads
+    # it as the largest distance between two real samples, about twice this).
+    dist = (feats - centres[labels]).norm(dim=1)
+    radii = torch.stack([dist[labels == c].max() for c in range(data.num_classes)])
+    radii = torch.where(radii > 0, radii, radii[radii > 0].mean())  # a 1-image class (ours)
+    save(os.path.join(folder, "stats.pt"), centres=centres, radii=radii, feats=feats,
+         labels=labels)
+    return {"mean_radius": radii.mean().item()}
+
+
+def stage_diffusion(cfg, data, device):
+    """Stage 2: the class-conditional DDPM, trained on
+        L = L_simple + CBDM regulariser + alpha * L_AID        (per sample, then the batch mean)
+    with L_simple = ||eps - eps_theta(x_t, t, y_in)||^2 (DDPM Eq. 14), y_in the label or, with
+    probability label_dropout, the null class. Adam with linear warm-up, gradient clipping, EMA."""
+    folder = os.path.join(cfg.out, "diffusion")
+    ckpt_path = os.path.join(folder, "ckpt.pt")
+    betas, abar = linear_schedule(cfg.timesteps)
+    T, C = cfg.timesteps, data.num_classes
+    torch.manual_seed(seed_of(cfg.seed, "diffusion init"))
+    model = place(make_unet(cfg, data), cfg, device)
+    ema = place(make_unet(cfg, data), cfg, device).eval().requires_grad_(False)
+    ema.load_state_dict(model.state_dict())
+    opt_ = torch.optim.Adam(model.parameters(), lr=cfg.diffusion_lr)
+    start = resume(ckpt_path, {"model": model, "ema": ema, "optimizer": opt_}, "step", 0)
+    if start:
+        log(f"diffusion: resuming at step {start}")
+    # phi frozen (eval mode, no parameter gradients) but differentiable in its input: L_AID trains
+    # the denoiser through it.
+    phi = load_classifier(cfg, data, "baseline", device) if cfg.aid_alpha > 0 else None
+    stats = load_checkpoint(os.path.join(cfg.out, "baseline", "stats.pt"), ("centres", "radii"))
+    centres, radii = stats["centres"].to(device), stats["radii"].to(device)
+    # CBDM's target label y': uniform over classes (the paper's balanced target) or the training
+    # label frequencies (--cbdm-prior empirical, what the official code draws).
+    prior = torch.ones(C) if cfg.cbdm_prior == "uniform" else torch.tensor(data.train_counts)
+    prior = prior.float().to(device)
+    flip = data.name != "digits"  # random horizontal flip, as pytorch-ddpm
+    net, bf16 = for_training(model, cfg, device), use_bf16(cfg, device)
+    bar = tqdm(range(start, cfg.diffusion_steps), "diffusion", initial=start,
+               total=cfg.diffusion_steps, unit="step", disable=rank() > 0)
+    terms, since, t0 = torch.zeros(3, device=device), 0, time.time()  # L_simple, CBDM, L_AID
+    model.train()
+    for step, (x, y) in zip(bar, diffusion_batches(data.train_plain, cfg, start, device)):
+        torch.manual_seed(seed_of(cfg.seed, "diffusion", step, rank()))  # noise, labels, dropout
+        x0 = to_unit(resize(x.to(device).float(), cfg.gen_size))  # (b, C, gen, gen) in [-1, 1]
+        if flip:
+            x0 = torch.where(torch.rand(len(x0), 1, 1, 1, device=device) < 0.5, x0.flip(3), x0)
+        y = y.to(device)
+        t = torch.randint(T, (len(x0),), device=device)  # 0-based indices, uniform over the T steps
+        noise = torch.randn_like(x0)
+        kept = torch.rand(len(x0), device=device) >= cfg.label_dropout
+        y_in = torch.where(kept, y, C)  # label C is the null class
+        for g in opt_.param_groups:  # linear warm-up, then constant (pytorch-ddpm / CBDM)
+            g["lr"] = cfg.diffusion_lr * min(1.0, (step + 1) / cfg.diffusion_warmup)
+
+        x_t = q_sample(x0, t, noise, abar)
+        with autocast(device, bf16):  # the losses in fp32
+            eps = net(x_t, t, y_in).float()
+            simple = (eps - noise).square().flatten(1).mean(1)  # (b,)
+            # CBDM and L_AID act on the samples that kept their label (ours: CBDM's code drops
+            # the labels of a whole batch at once and skips the regulariser for that batch).
+            cbdm = torch.zeros_like(simple)
+            if cfg.cbdm_tau > 0:
+                y_bal = torch.multinomial(prior, len(x0), replacement=True)
+                cbdm = kept * cbdm_loss(eps, net(x_t, t, y_bal), t, T, cfg.cbdm_tau,
+                                        cfg.cbdm_gamma)
+            aid = torch.zeros_like(simple)
+            if cfg.aid_alpha > 0:
+                feats = phi.features(phi_input(predict_x0(x_t, t, eps, abar), data))
+                aid = kept * aid_loss(feats, centres[y], radii[y], _at(abar, t, simple).float())
+        loss = (simple + cbdm + cfg.aid_alpha * aid).mean()
+        opt_.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt_.step()
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), model.parameters()):
+                p_ema.lerp_(p, 1 - cfg.ema_decay)
+        terms += torch.stack([simple.mean(), cbdm.mean(), aid.mean()]).detach()
+        since, done = since + 1, step + 1
+        if done % 50 == 0 or done % cfg.ckpt_every == 0 or done == cfg.diffusion_steps:
+            means = (terms / since).tolist()  # the one host-device sync of an interval
+            check_finite(sum(means), [], "diffusion", f"step {done}", ckpt_path)
+            speed = since * len(x0) / (time.time() - t0)
+            bar.set_postfix(simple=f"{means[0]:.4f}", cbdm=f"{means[1]:.4f}",
+                            aid=f"{means[2]:.4f}", img_s=f"{speed:.0f}")
+            terms.zero_()
+            since, t0 = 0, time.time()
+        if done % cfg.ckpt_every == 0 or done == cfg.diffusion_steps:
+            check_finite(0.0, [model, ema], "diffusion", f"step {done}", ckpt_path)
+            save(ckpt_path, model=model.state_dict(), ema=ema.state_dict(),
+                 optimizer=opt_.state_dict(), step=done, config=dataclasses.asdict(cfg))
+    if start == cfg.diffusion_steps:
+        return {"steps": cfg.diffusion_steps}
+    # Running means of the last log interval: L_simple, the CBDM term as it enters the loss, and
+    # L_AID before its weight alpha.
+    return {"steps": cfg.diffusion_steps, "loss_simple": means[0], "loss_cbdm": means[1],
+            "loss_aid": means[2], "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def diffusion_batches(dataset, cfg, start, device):
+    """Per step from `start` on, this rank's batch of (uint8 images, labels), drawn with
+    replacement by a generator seeded with (seed, step, rank) (ours; pytorch-ddpm shuffles
+    epochs), so a resumed run reads what an uninterrupted one reads."""
+    b = cfg.diffusion_batch // world()
+    steps = range(start, cfg.diffusion_steps)
+    draws = (torch.randint(len(dataset), (b,), generator=rng(cfg.seed, "batch", s, rank()))
+             for s in steps)
+    if in_memory(dataset):
+        images, labels = dataset.images.to(device), dataset.labels.to(device)
+        return ((images[i.to(device)], labels[i.to(device)]) for i in draws)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=(i.tolist() for i in draws),
+                                       num_workers=cfg.workers)
+
+
+def generation_plan(counts, target, shard_size):
+    """Labels to generate: target - n_c of every class below the target, in shards."""
+    labels = torch.cat([torch.full((max(0, target - n),), c, dtype=torch.long)
+                        for c, n in enumerate(counts)])
+    return list(labels.split(shard_size))
+
+
+def stage_generate(cfg, data, device):
+    """Stage 3: every class topped up to N_t by the EMA generator with guidance, shard by shard.
+    Shard i comes from rank i % world and a generator seeded by (seed, i), and is saved atomically
+    as uint8: a rerun after an interruption generates only the missing shards, the same images."""
+    folder = os.path.join(cfg.out, "generate")
+    betas, abar = linear_schedule(cfg.timesteps)
+    ema = make_unet(cfg, data)
+    load_checkpoint(os.path.join(cfg.out, "diffusion", "ckpt.pt"), into={"ema": ema})
+    place(ema, cfg, device).eval()
+    plan = generation_plan(data.train_counts, cfg.target_count, cfg.gen_batch)
+    path = [os.path.join(folder, f"shard_{i:05d}.pt") for i in range(len(plan))]
+    saved = sum(os.path.isfile(p) for p in path)
+    if saved:
+        log(f"generate: {saved} of {len(plan)} shards already saved, resuming")
+    todo = [i for i in range(rank(), len(plan), world()) if not os.path.isfile(path[i])]
+    steps = cfg.timesteps if cfg.sampler == "ddpm" else cfg.sample_steps
+    bar = tqdm(todo, f"generate ({cfg.sampler}, {steps} steps)", unit="shard", disable=rank() > 0)
+    for i in bar:
+        torch.manual_seed(seed_of(cfg.seed, "generate", i))
+        x = sample(ema, plan[i].to(device), cfg, (data.channels, cfg.gen_size, cfg.gen_size),
+                   betas, abar, data.num_classes, use_bf16(cfg, device))
+        shard = {"images": to_uint8(x).cpu(), "labels": plan[i]}
+        atomic_write(path[i], lambda f: torch.save(shard, f))  # by this rank, not rank 0
+    return {"target_count": cfg.target_count, "shards": len(plan),
+            "images": sum(len(p) for p in plan), "sampler": cfg.sampler, "steps": steps}
+
+
+def load_generated(cfg, data):
+    """Every generated image and label, shard by shard, each checked against the generation plan:
+    a shard of another shape, dtype or labels (another run's, say) is BadInput here."""
+    plan = generation_plan(data.train_counts, cfg.target_count, cfg.gen_batch)
+    shape = (data.channels, cfg.gen_size, cfg.gen_size)
+    images = [torch.zeros(0, *shape, dtype=torch.uint8)]
+    for i, planned in enumerate(plan):
+        path = os.path.join(cfg.out, "generate", f"shard_{i:05d}.pt")
+        shard = load_checkpoint(path, ("images", "labels"))
+        x, y = shard["images"], shard["labels"]
+        if not (torch.is_tensor(x) and x.dtype == torch.uint8 and x.shape[1:] == shape
+                and len(x) == len(planned)):
+            problem = (f"images {getattr(x, 'dtype', type(x).__name__)} "
+                       f"{tuple(getattr(x, 'shape', ()))}, this run generates uint8 "
+                       f"{(len(planned), *shape)}")
+        elif not (torch.is_tensor(y) and y.dtype == torch.long and y.shape == planned.shape):
+            problem = f"labels that are not {len(planned)} int64 class indices"
+        elif ((y < 0) | (y >= data.num_classes)).any():
+            problem = f"labels outside 0..{data.num_classes - 1}"
+        elif not torch.equal(y, planned):
+            problem = "other labels than this run's generation plan"
+        else:
+            images.append(x)
+            continue
+        raise BadInput(f"{path} holds {problem}; rerun with --redo generate")
+    return torch.cat(images), torch.cat([torch.zeros(0, dtype=torch.long), *plan])
+
+
+def save_samples_png(images, groups, path, per_row=10):
+    """samples.png: one row each of ID, AID and OOD samples (blank where a group has fewer),
+    spread over the group so that several classes show; small images upscaled for viewing."""
+    rows = []
+    for g in range(3):
+        members = torch.nonzero(groups == g).flatten()
+        pick = members[torch.linspace(0, len(members) - 1, min(per_row, len(members))).long()]
+        row = images[pick].float() / 255
+        rows += [*row, *torch.ones(per_row - len(row), *images.shape[1:])]
+    grid = torchvision.utils.make_grid(torch.stack(rows), nrow=per_row, pad_value=0.5)
+    grid = F.interpolate(grid[None], scale_factor=max(1, 32 // images.shape[-1]))[0]
+    tmp = path + ".tmp.png"
+    torchvision.utils.save_image(grid, tmp)
+    os.replace(tmp, path)
+
+
+def stage_filter(cfg, data, device):
+    """Stage 4: ID / AID / OOD by the phi-distance to the class centre (band()); OOD dropped unless
+    --no-filter. Fractions, kept counts, distances and Frechet distances go to "generated"."""
+    images, labels = load_generated(cfg, data)
+    phi = load_classifier(cfg, data, "baseline", device)
+    stats = load_checkpoint(os.path.join(cfg.out, "baseline", "stats.pt"),
+                            ("centres", "radii", "feats", "labels"))
+    with torch.no_grad():
+        feats = torch.cat([torch.zeros(0, stats["feats"].shape[1])] + [
+            phi.features(phi_input(to_unit(x.to(device)), data)).float().cpu()
+            for x in images.split(512)])
+    dist = (feats - stats["centres"][labels]).norm(dim=1)
+    over_radius = dist / stats["radii"][labels]
+    groups = band(dist, stats["radii"][labels])
+    keep = groups < 2 if cfg.filter else torch.ones_like(groups, dtype=torch.bool)
+    save(os.path.join(cfg.out, "filter", "kept.pt"), images=images[keep], labels=labels[keep])
+    save_samples_png(images, groups, os.path.join(cfg.out, "samples.png"))
+    C, names = data.num_classes, ("id", "aid", "ood")
+    per_class = torch.bincount(labels, minlength=C)
+    real_f, real_y = stats["feats"], stats["labels"]
+    fractions, mean_distance, mean_over_radius, frechet = {}, {}, {}, {}
+    for g, name in enumerate(names):
+        in_g = groups == g
+        fractions[name] = in_g.double().mean().item() if len(groups) else None
+        n_g = torch.bincount(labels[in_g], minlength=C)
+        fractions[f"{name}_per_class"] = [n / m if m else None for n, m in
+                                          zip(n_g.tolist(), per_class.tolist())]
+        mean_distance[name] = dist[in_g].mean().item() if in_g.any() else None
+        mean_over_radius[name] = over_radius[in_g].mean().item() if in_g.any() else None
+        frechet[name] = lt_data.frechet_or_none(real_f, feats[in_g])
+    frechet["overall"] = lt_data.frechet_or_none(real_f, feats)
+    frechet["per_class"] = [lt_data.frechet_or_none(real_f[real_y == c], feats[labels == c])
+                            for c in range(C)]
+    return {"counts": per_class.tolist(), "target_count": cfg.target_count,
+            "fractions": fractions, "kept": int(keep.sum()),
+            "kept_per_class": torch.bincount(labels[keep], minlength=C).tolist(),
+            "filtered": cfg.filter, "mean_distance": mean_distance,
+            "mean_distance_over_radius": mean_over_radius, "frechet": frechet}
+
+
+def stage_classifier(cfg, data, device):
+    """Stage 5: a fresh classifier on real + kept synthetic images, the stage-1 recipe with
+    weighted CE: loss = mean_i w_i CE_i, w_i = 1 for real and omega for synthetic images."""
+    kept = load_checkpoint(os.path.join(cfg.out, "filter", "kept.pt"), ("images", "labels"))
+    real, fake = data.train, lt_data.TensorImages(kept["images"], kept["labels"])
+    if in_memory(real) and cfg.gen_size == data.image_size:
+        dataset = lt_data.TensorImages(torch.cat([real.images, fake.images]),
+                                       torch.cat([real.labels, fake.labels]))
+    else:  # ImageNet-LT: the 64x64 samples get the real images' training transform
+        fake.transform = lt_data.train_transform(data.image_size)
+        dataset = torch.utils.data.ConcatDataset([real, fake])
+    weights = torch.cat([torch.ones(len(real)), torch.full((len(fake),), cfg.synthetic_weight)])
+    torch.manual_seed(seed_of(cfg.seed, "classifier init"))
+    model = make_classifier(cfg.arch, data.num_classes, data.channels)
+    train_classifier(model, dataset, data, cfg, device,
+                     os.path.join(cfg.out, "classifier", "ckpt.pt"), "DiffuLT classifier", weights)
+    return {"real": len(real), "synthetic": len(fake), "synthetic_weight": cfg.synthetic_weight}
+
+
+def stage_evaluate(cfg, data, device):
+    """Stage 6: CE and LA (post-hoc logit adjustment with the real prior) of the stage-1 model;
+    DiffuLT and DiffuLT+LA of the stage-5 model, whose prior counts each synthetic image at its
+    CE weight: n_c = real_c + omega * kept_c."""
+    split = data.val if cfg.eval_split == "val" else data.test
+    generated = read_done(cfg, "filter")
+    prior = training_prior(data.train_counts, generated["kept_per_class"], cfg.synthetic_weight)
+    rows = {}
+    for stage, name, la_name, counts in (("baseline", "CE", "LA", data.train_counts),
+                                         ("classifier", "DiffuLT", "DiffuLT+LA", prior)):
+        logits, _ = predict(load_classifier(cfg, data, stage, device), split, data, device,
+                            cfg.workers)
+        adjusted = lt_data.logit_adjust(logits, counts, cfg.la_tau)
+        for row, scores in ((name, logits), (la_name, adjusted)):
+            rows[row] = lt_data.accuracy_report(scores.argmax(1), split.labels, data.train_counts)
+    del generated["seconds"]
+    return {"rows": rows, "generated": generated}
+
+
+def run(cfg):
+    """Every stage that is not done yet, then results.json and the table."""
+    device = setup(cfg)
+    data = load_data(cfg)
+    cfg.target_count = cfg.target_count or data.n_max
+    stages = {"baseline": stage_baseline, "diffusion": stage_diffusion,
+              "generate": stage_generate, "filter": stage_filter,
+              "classifier": stage_classifier, "evaluate": stage_evaluate}
+    all_ranks = ("baseline", "diffusion", "generate", "classifier")
+    return run_stages(cfg, data, device, stages, all_ranks)
+
+
+# =================================================================================================
+# Plumbing a reader of the paper may skip: flags, several processes, files and stages, main.
+
+
+# The range of every numeric flag (parse_config also checks that floats are finite).
+RULES = {
+    **dict.fromkeys(("epochs", "batch_size", "lr", "timesteps", "diffusion_steps",
+                     "diffusion_batch", "diffusion_lr", "diffusion_warmup", "ckpt_every",
+                     "sample_steps", "gen_batch", "gen_size", "unet_ch", "unet_blocks",
+                     "grad_clip", "synthetic_weight"), (lambda v: v > 0, "> 0")),
+    **dict.fromkeys(("warmup_epochs", "weight_decay", "workers", "cbdm_tau", "cbdm_gamma",
+                     "aid_alpha", "guidance", "la_tau"), (lambda v: v >= 0, ">= 0")),
+    **dict.fromkeys(("unet_dropout", "label_dropout", "ema_decay"),
+                    (lambda v: 0 <= v < 1, "in [0, 1)")),
+    "target_count": (lambda v: v is None or v > 0, "> 0"),
+    "eta": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "seed": (lambda v: 0 <= v < 2 ** 32, "in 0 .. 2^32 - 1"),
+    "imb": (lambda v: v >= 1, ">= 1 (head / tail)"),
+}
+
+
+def validate(cfg):
+    """What RULES cannot say: how flags constrain each other, and the UNet's shape."""
+    if cfg.sample_steps > cfg.timesteps:
+        raise BadInput(f"--sample-steps must be <= --timesteps ({cfg.timesteps})")
+    if cfg.guidance > 0 and cfg.label_dropout == 0:
+        raise BadInput("--guidance > 0 needs --label-dropout > 0 (the null label must be trained)")
+    try:
+        mult = [int(m) for m in cfg.unet_mult.split(",")]
+        [int(r) for r in cfg.unet_attn.split(",") if r]
+    except ValueError:
+        raise BadInput(f"--unet-mult and --unet-attn take comma-separated integers, got "
+                       f"{cfg.unet_mult!r} and {cfg.unet_attn!r}") from None
+    if min(mult) < 1 or cfg.gen_size % 2 ** (len(mult) - 1):
+        raise BadInput(f"--gen-size {cfg.gen_size} must be divisible by 2^(levels - 1) for "
+                       f"--unet-mult {cfg.unet_mult}")
+
+
+class ArgParser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 2, not argparse's usage block
+        raise BadInput(message)
+
+
+def parse_config(argv=None):
+    """Field defaults, then the dataset's DEFAULTS, then SMOKE (--smoke), then the flags given."""
+    parser = ArgParser(description=__doc__.splitlines()[0])
+    for f in dataclasses.fields(Config):
+        kind = {"action": argparse.BooleanOptionalAction} if f.type is bool else \
+            {"type": f.type, "choices": f.metadata["choices"]}
+        parser.add_argument(flag(f.name), help=f.metadata["help"].replace("%", "%%"), **kind)
+    args = vars(parser.parse_args(argv))
+    values = {f.name: f.default for f in dataclasses.fields(Config)}
+    values.update(DEFAULTS[args["dataset"] or Config.dataset])
+    values.update(SMOKE if args["smoke"] else {})
+    values.update({k: v for k, v in args.items() if v is not None})
+    cfg = Config(**values)
+    for f in dataclasses.fields(cfg):  # nan and inf slip through the range checks
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise BadInput(f"{flag(f.name)} must be a finite number, got {value}")
+    for name, (ok, rule) in RULES.items():
+        if not ok(getattr(cfg, name)):
+            raise BadInput(f"{flag(name)} must be {rule}, got {getattr(cfg, name)}")
+    validate(cfg)
+    cfg.out = cfg.out or f"runs/{METHOD}_{cfg.dataset}_imb{cfg.imb:g}_seed{cfg.seed}"
+    return cfg
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def log(message):
+    if rank() == 0:
+        print(f"[{METHOD}] {message}", file=sys.stderr, flush=True)
+
+
+def seed_of(*key):
+    """A 32-bit seed from a key such as (seed, "diffusion", step, rank): every epoch, step and
+    shard draws from its own stream, so a resumed run repeats an uninterrupted one."""
+    return zlib.crc32(repr(key).encode())
+
+
+def rng(*key):
+    return torch.Generator().manual_seed(seed_of(*key))
+
+
+def in_memory(dataset):
+    return isinstance(dataset, lt_data.TensorImages) and dataset.transform is None
+
+
+# ---- several processes: `torchrun --nproc_per_node N` starts N ranks, one per GPU. Each trains on
+# its share of the data with its own noise; DDP averages the gradients; rank 0 writes the files.
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier():
+    if world() > 1:
+        dist.barrier()
+
+
+def setup(cfg):
+    """The device; under torchrun also the process group (NCCL on GPUs, gloo on CPU)."""
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.device == "cuda" and not torch.cuda.is_available() or \
+            cfg.device == "mps" and not torch.backends.mps.is_available():
+        raise BadInput(f"--device {cfg.device} asked for, but it is not available")
+    device = torch.device(cfg.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        # A long timeout: the other ranks wait while rank 0 alone filters or evaluates.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(hours=2))
+        if min(cfg.batch_size, cfg.diffusion_batch) < world():
+            raise BadInput(f"--batch-size and --diffusion-batch must be at least the number of "
+                           f"processes, {world()}")
+    return device
+
+
+def use_bf16(cfg, device):
+    return cfg.precision == "bf16" or cfg.precision == "auto" and device.type == "cuda"
+
+
+def autocast(device, bf16):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def place(model, cfg, device):
+    """The model on the device; channels_last on CUDA with --channels-last (faster cuDNN)."""
+    model.to(device)
+    if cfg.channels_last and device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def for_training(model, cfg, device):
+    """DDP under several processes, compiled with --compile; both share the model's weights."""
+    if world() > 1:
+        model = DDP(model, device_ids=[device] if device.type == "cuda" else None)
+    return torch.compile(model) if cfg.compile else model
+
+
+# ---- files: written to a temporary name and renamed; a stage's files live in <out>/<stage>/.
+
+
+def atomic_write(path, write):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        os.remove(tmp)
+        raise
+
+
+def save(path, **entries):
+    if rank() == 0:
+        atomic_write(path, lambda f: torch.save(entries, f))
+
+
+def save_json(obj, path):
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def load_checkpoint(path, keys=(), into=None):
+    """torch.load; a missing, corrupt or foreign file, or a state that does not fit the modules
+    `into` ({entry: module or optimizer}), is BadInput naming the file and the stage to redo."""
+    into = into or {}
+    redo = f"rerun with --redo {os.path.basename(os.path.dirname(os.path.abspath(path)))}"
+    if not os.path.isfile(path):
+        raise BadInput(f"checkpoint {path} is missing; {redo}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # pickle, zip and torch errors all mean the same here
+        raise BadInput(f"checkpoint {path} is corrupt ({type(e).__name__}); {redo}") from None
+    keys = (*into, *keys)
+    if not isinstance(ckpt, dict) or not all(k in ckpt for k in keys):
+        raise BadInput(f"checkpoint {path} is not one of ours (expected "
+                       f"{', '.join(map(repr, keys)) or 'a dict'}); {redo}")
+    for key, target in into.items():
+        try:
+            target.load_state_dict(ckpt[key])
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
+            detail = " ".join(str(e).split())[:160]
+            raise BadInput(f"checkpoint {path}: {key!r} does not fit this run's model ({detail}); "
+                           f"{redo}") from None
+    return ckpt
+
+
+def resume(path, into, counter, fresh):
+    """The loop counter saved at `path`, with its states loaded `into` the modules; else fresh."""
+    if not os.path.isfile(path):
+        return fresh
+    return load_checkpoint(path, (counter,), into)[counter]
+
+
+def check_finite(loss, modules, what, when, ckpt_path):
+    """A diverged loss or non-finite weights end the run (exit 1) before a checkpoint is written."""
+    if not math.isfinite(loss):
+        problem = f"loss became {loss}"
+    elif not all(torch.isfinite(v).all() for m in modules for v in m.state_dict().values()
+                 if v.is_floating_point()):
+        problem = "the weights became non-finite"
+    else:
+        return
+    raise FloatingPointError(f"{what}: {problem} by {when}; the last good checkpoint is kept at "
+                             f"{ckpt_path}")
 
 
 def read_done(cfg, stage):
@@ -1048,544 +1172,98 @@ def read_done(cfg, stage):
         raise BadInput(f"{path} is unreadable; rerun with --redo {stage}") from None
 
 
-def redo_from(cfg, stage):
-    """--redo STAGE: forget STAGE and every later stage."""
-    for s in STAGES[STAGES.index(stage):]:
-        shutil.rmtree(os.path.join(cfg.out, s), ignore_errors=True)
-    if os.path.exists(os.path.join(cfg.out, "results.json")):
-        os.remove(os.path.join(cfg.out, "results.json"))
+def check_run_dir(cfg):
+    """Write <out>/config.json, or check that the one there agrees with cfg in every field that
+    changes results; --redo STAGE frees the fields only STAGE and later stages read, and clears
+    those stages."""
+    config, path = dataclasses.asdict(cfg), os.path.join(cfg.out, "config.json")
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise BadInput(f"--out {cfg.out} is a file, not a directory; use another --out")
+    if not os.path.isfile(path):
+        if os.path.isdir(cfg.out) and os.listdir(cfg.out):
+            raise BadInput(f"{cfg.out} is not empty and has no config.json; use another --out")
+        return save_json(config, path)
+    try:
+        with open(path) as f:
+            old = dict(json.load(f))
+    except (OSError, ValueError, TypeError):
+        raise BadInput(f"{path} is unreadable; delete the run directory or use another --out") \
+            from None
+    redone = STAGES[STAGES.index(cfg.redo):] if cfg.redo else []
+    free = set(NOT_RESULTS).union(*(REDO_FIELDS.get(s, ()) for s in redone))
+    diff = sorted(k for k in old.keys() | config.keys()
+                  if k not in free and old.get(k) != config.get(k))
+    if diff:
+        raise BadInput(f"run directory {cfg.out} was made with another config ({diff[0]}: "
+                       f"{old.get(diff[0])!r} there, {config.get(diff[0])!r} now, "
+                       f"{len(diff)} field(s) in all); use another --out, delete it, or --redo "
+                       f"the first stage that reads it")
+    for stage in redone:
+        shutil.rmtree(os.path.join(cfg.out, stage), ignore_errors=True)
+    if redone:
+        save_json(config, path)  # it describes every stage now
 
 
-def print_table(rows):
-    """The rows of results.json as a small table."""
-    def fmt(v):
-        return "   -  " if v is None else f"{v:6.2f}"
-    print(f"{'row':<14}{'overall':>8}{'many':>8}{'medium':>8}{'few':>8}")
-    for name, r in rows.items():
-        print(f"{name:<14}{fmt(r['overall']):>8}{fmt(r['many']):>8}{fmt(r['medium']):>8}"
-              f"{fmt(r['few']):>8}")
-
-
-# -------------------------------------------------------------------------------------------------
-# DiffuLT stages. Each returns the summary that goes into its done.json.
-
-
-def log(message):  # one line per stage event, never inside a loop; rank 0 speaks for all
-    if is_main():
-        print(f"[diffult] {message}", file=sys.stderr, flush=True)
-
-
-def rng_seed(cfg, purpose, i=0):
-    """A seed derived from (--seed, purpose, i): every random draw of a loop comes from a generator
-    seeded with the step / shard it belongs to, so a resumed run repeats an uninterrupted one."""
-    return zlib.crc32(f"{cfg.seed}:{purpose}:{i}".encode())
-
-
-def to_unit(x):
-    """uint8 [0, 255] -> float [-1, 1], the range the diffusion model works in."""
-    return x.float() / 127.5 - 1.0
-
-
-def to_uint8(x):
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def resize(x, size):
-    """Bilinear (antialiased when shrinking) resize of float (B, C, H, W); a no-op at equal size.
-    Only imagenet_lt generates at a size other than the classifier's input."""
-    if x.shape[-1] == size:
-        return x
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
-                         antialias=x.shape[-1] > size)
-
-
-def phi_input(x, data, cfg):
-    """Images in [-1, 1] at the generator's size -> the classifier's normalised input.
-    Differentiable, so L_AID's gradient flows through it; normalise() does the same on uint8."""
-    mean = torch.tensor(data.mean, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(data.std, device=x.device).view(1, -1, 1, 1)
-    return (resize((x + 1) / 2, cfg.image_size) - mean) / std
-
-
-@torch.no_grad()
-def phi_features(phi, images, data, cfg, device, batch_size=512):
-    """phi-features (N, D) of generated uint8 images (N, C, gen, gen)."""
-    feats = [phi.features(phi_input(to_unit(x.to(device)), data, cfg)).float().cpu()
-             for x in images.split(batch_size)]
-    return torch.cat(feats) if feats else torch.zeros(0, phi.fc.in_features)
-
-
-def load_classifier(cfg, data, stage, device):
-    """The classifier trained by `stage` (its last per-epoch checkpoint), frozen, in eval mode."""
-    model = make_classifier(cfg.arch, data.num_classes, data.channels)
-    lt_data.load_checkpoint(os.path.join(cfg.out, stage, "ckpt.pt"), keys=("epoch",),
-                            into={"model": model})
-    return place(model, cfg, device).eval().requires_grad_(False)
-
-
-def make_unet(cfg, data):
-    return UNet(data.num_classes, data.channels, **cfg_unet(cfg))
-
-
-def stage_baseline(cfg, data, device):
-    """Stage 1: CE classifier = the CE row and phi. Class centres c_y and radii d_f(y) of the real,
-    un-augmented training features."""
-    folder = stage_dir(cfg, "baseline")
-    # Stage-1 init from torch.manual_seed(seed), as ldmlr.py's encoder stage: with the same seed
-    # both scripts train the same CE model, so their CE rows are one shared baseline.
-    torch.manual_seed(cfg.seed)
-    model = make_classifier(cfg.arch, data.num_classes, data.channels)
-    train_classifier(model, data.train, data, cfg, device, os.path.join(folder, "ckpt.pt"),
-                     desc="baseline CE")
-    if not is_main():  # the statistics take one pass over the data: rank 0 alone computes them
-        return None
-    _, feats = predict(model, data.train, data, device, workers=cfg.workers)
-    labels = data.train.labels
-    centres = torch.stack([feats[labels == c].mean(0) for c in range(data.num_classes)])
-    # d_f(y) = the radius of the real class cloud, max over real images of class y of their
-    # distance to c_y. OURS: the paper's wording of d_f is not available to us (one secondary
-    # source reads it as the max distance between two real samples, about twice this).
-    dist = (feats - centres[labels]).norm(dim=1)
-    radii = torch.stack([dist[labels == c].max() for c in range(data.num_classes)])
-    # A one-image class has radius 0; give it the mean radius of the others (ours), so that
-    # distances can still be measured in units of d_f.
-    radii = torch.where(radii > 0, radii, radii[radii > 0].mean())
-    lt_data.atomic_save({"centres": centres, "radii": radii, "feats": feats, "labels": labels},
-                        os.path.join(folder, "stats.pt"))
-    return {"mean_radius": radii.mean().item()}
-
-
-def step_indices(cfg, n, step):
-    """The training images of diffusion step `step`: drawn with replacement, from a generator
-    seeded by (seed, step) (pytorch-ddpm loops over shuffled epochs; i.i.d. draws are ours)."""
-    gen = torch.Generator().manual_seed(rng_seed(cfg, "diffusion-batch", step))
-    return torch.randint(n, (cfg.diffusion_batch,), generator=gen)
-
-
-class StepIndices(torch.utils.data.Sampler):
-    """step_indices for steps start..end-1 as a DataLoader batch sampler (datasets on disk): this
-    rank's rows of each."""
-
-    def __init__(self, cfg, n, start, end):
-        self.cfg, self.n, self.start, self.end = cfg, n, start, end
-
-    def __iter__(self):
-        rows = my_rows(self.cfg.diffusion_batch)
-        return (step_indices(self.cfg, self.n, s)[rows].tolist()
-                for s in range(self.start, self.end))
-
-    def __len__(self):
-        return self.end - self.start
-
-
-def stage_diffusion(cfg, data, device):
-    """Stage 2: the class-conditional DDPM with the CBDM regulariser and L_AID (see train loop)."""
-    folder = stage_dir(cfg, "diffusion")
-    ckpt_path = os.path.join(folder, "ckpt.pt")
-    betas, abar = linear_schedule(cfg.timesteps, cfg.beta_1, cfg.beta_T)
-    T, C, null = cfg.timesteps, data.num_classes, data.num_classes
-    torch.manual_seed(rng_seed(cfg, "diffusion-init"))
-    model = place(make_unet(cfg, data), cfg, device)
-    ema = place(make_unet(cfg, data), cfg, device).eval().requires_grad_(False)
-    ema.load_state_dict(model.state_dict())
-    opt_ = torch.optim.Adam(model.parameters(), lr=cfg.diffusion_lr)
-    # phi: frozen (eval mode: BatchNorm uses its running statistics; no parameter gradients), but
-    # differentiable with respect to its input, so L_AID trains the denoiser through it.
-    phi = load_classifier(cfg, data, "baseline", device) if cfg.alpha > 0 else None
-    start = 0
-    if os.path.isfile(ckpt_path):  # every rank; after every model is built (init draws the RNG)
-        ckpt = lt_data.load_checkpoint(ckpt_path, keys=("rng", "step"),
-                                       into={"model": model, "ema": ema, "optimizer": opt_})
-        torch.set_rng_state(ckpt["rng"])  # the global CPU RNG drives dropout on CPU only
-        start = ckpt["step"]
-        log(f"diffusion: resuming at step {start}")
-    stats = lt_data.load_checkpoint(os.path.join(cfg.out, "baseline", "stats.pt"),
-                                    keys=("centres", "radii"))
-    centres, radii = stats["centres"].to(device), stats["radii"].to(device)
-    counts = torch.tensor(data.train_counts, dtype=torch.float64)
-    # CBDM's target label y': uniform over classes (the paper's balanced target), or the training
-    # label frequencies (`--cbdm-prior empirical`, what the official code draws).
-    prior = torch.ones(C, dtype=torch.float64) if cfg.cbdm_prior == "uniform" else counts
-    flip = data.name != "digits"  # random horizontal flip, as pytorch-ddpm; mirrored digits are not
-    # Each step's global batch of B images; this rank reads and trains on its rows of it.
-    B, rows = cfg.diffusion_batch, my_rows(cfg.diffusion_batch)
-    if hasattr(data.train, "images"):  # in memory: on the device once, not step by step
-        images, labels = data.train.images.to(device), data.train.labels.to(device)
-        source = ((images[i], labels[i])
-                  for i in (step_indices(cfg, len(data.train), s)[rows]
-                            for s in range(start, cfg.diffusion_steps)))
-    else:
-        source = torch.utils.data.DataLoader(
-            data.train, batch_sampler=StepIndices(cfg, len(data.train), start,
-                                                  cfg.diffusion_steps), num_workers=cfg.workers)
-    n_params = sum(p.numel() for p in model.parameters())
-    bar = tqdm(range(start, cfg.diffusion_steps), desc=f"diffusion ({n_params / 1e6:.2f} M)",
-               initial=start, total=cfg.diffusion_steps, unit="step", disable=not is_main())
-    total, since, t0, log_every = torch.zeros((), device=device), 0, time.time(), 50
-    last_loss = None
-    # Test hook: exit abruptly (like kill -9) right after the checkpoint of this step, so the test
-    # suite can check that a rerun resumes from it and ends where an uninterrupted run ends.
-    exit_at = int(os.environ.get("DIFFULT_EXIT_AFTER_STEP", "0"))
-    net, bf16 = for_training(model, cfg, device), use_bf16(cfg, device)
-    model.train()
-    for step, (x, y) in zip(bar, source):
-        gen = torch.Generator().manual_seed(rng_seed(cfg, "diffusion-step", step))
-        # Every draw is made for the whole global batch and this rank keeps its rows: the ranks'
-        # generators stay in step, and each image gets the draws it gets in one process.
-        x0 = to_unit(resize(x.to(device).float(), cfg.gen_size))  # (b, C, gen, gen) in [-1, 1]
-        if flip:
-            flips = (torch.rand(B, generator=gen)[rows] < 0.5).to(device).view(-1, 1, 1, 1)
-            x0 = torch.where(flips, x0.flip(3), x0)
-        t = torch.randint(T, (B,), generator=gen)[rows]  # 0-based step indices, uniform over T
-        noise = torch.randn((B, *x0.shape[1:]), generator=gen)[rows].to(device)
-        dropped = (torch.rand(B, generator=gen) < cfg.label_dropout)[rows]
-        y_bal = torch.multinomial(prior, B, replacement=True, generator=gen)[rows].to(device)
-        y, td = y.to(device), t.to(device)
-        y_in = torch.where(dropped.to(device), torch.full_like(y, null), y)
-        for g in opt_.param_groups:  # linear warm-up, then constant (pytorch-ddpm / CBDM)
-            g["lr"] = cfg.diffusion_lr * min(1.0, (step + 1) / cfg.diffusion_warmup)
-        if device.type != "cpu" or world_size() > 1:
-            # Dropout draws from the device's global generator. In one CPU process that is the
-            # CPU RNG, which the checkpoint keeps; a GPU's generator is not kept, and under DDP
-            # each rank needs a stream of its own. So here it is seeded from (seed, rank, step)
-            # at every step, and a resumed run still repeats an uninterrupted one.
-            torch.manual_seed(rng_seed(cfg, f"dropout-rank{rank()}", step))
-
-        x_t = q_sample(x0, t, noise, abar)
-        with autocast(device, bf16):  # model outputs back to fp32: the losses are computed in fp32
-            eps = net(x_t, td, y_in).float()
-            loss = (eps - noise).square().flatten(1).mean(1)  # DDPM's L_simple, per sample (b,)
-            # CBDM and L_AID act on the samples that kept their label (ours: CBDM's code drops the
-            # label of a whole batch at once and then skips its regulariser for that batch).
-            kept = (~dropped).to(device, x0.dtype)
-            if cfg.tau > 0:
-                eps_bal = net(x_t, td, y_bal).float()
-                loss = loss + kept * cbdm_loss(eps, eps_bal, t, T, cfg.tau, cfg.gamma)
-            if cfg.alpha > 0:
-                feats = phi.features(phi_input(predict_x0(x_t, t, eps, abar), data, cfg)).float()
-                loss = loss + cfg.alpha * kept * aid_loss(feats, centres[y], radii[y],
-                                                          _at(abar, t, x0).view(-1))
-        loss = global_mean(loss, B)
-        opt_.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt_.step()
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), model.parameters()):
-                p_ema.lerp_(p, 1 - cfg.ema_decay)
-        total += loss.detach()
-        since += 1
-        done = step + 1
-        if done % log_every == 0 or done % cfg.ckpt_every == 0 or done == cfg.diffusion_steps:
-            last_loss = synced_mean(total, since)  # the only host-device sync: once per interval
-            if not math.isfinite(last_loss):
-                raise FloatingPointError(f"diffusion: loss became {last_loss} before step {done};"
-                                         f" the last good checkpoint is kept at {ckpt_path}")
-            bar.set_postfix(loss=f"{last_loss:.4f}",
-                            img_s=f"{since * B / (time.time() - t0):.0f}")
-            total.zero_()
-            since, t0 = 0, time.time()
-        if done % cfg.ckpt_every == 0 or done == cfg.diffusion_steps:
-            if not all_finite(model, ema):
-                raise FloatingPointError(f"diffusion: the weights became non-finite by step "
-                                         f"{done}; the last good checkpoint is kept at {ckpt_path}")
-            if is_main():
-                lt_data.atomic_save({"model": model.state_dict(), "ema": ema.state_dict(),
-                                     "optimizer": opt_.state_dict(), "step": done,
-                                     "rng": torch.get_rng_state(),
-                                     "config": dataclasses.asdict(cfg)}, ckpt_path)
-            if done == exit_at:
-                barrier()  # every rank exits after rank 0 has saved
-                os._exit(137)
-    return {"steps": cfg.diffusion_steps, "parameters": n_params, "final_loss": last_loss}
-
-
-def generation_plan(counts, target, shard_size):
-    """Labels to generate, class by class: target - n_c for every class below the target, cut
-    into shards of `shard_size` (the unit that is saved, and resumed from)."""
-    labels = torch.cat([torch.full((max(0, target - n),), c, dtype=torch.long)
-                        for c, n in enumerate(counts)])
-    return list(labels.split(shard_size))
-
-
-def stage_generate(cfg, data, device):
-    """Stage 3: top every class up to N_t with the EMA denoiser, shard by shard. A shard is saved
-    atomically as uint8 and is a pure function of (seed, shard index), so a rerun after an
-    interruption generates only the missing shards and ends with the same images."""
-    folder = stage_dir(cfg, "generate")
-    betas, abar = linear_schedule(cfg.timesteps, cfg.beta_1, cfg.beta_T)
-    ema = make_unet(cfg, data)
-    lt_data.load_checkpoint(os.path.join(cfg.out, "diffusion", "ckpt.pt"), keys=("step",),
-                            into={"ema": ema})
-    place(ema, cfg, device).eval()
-    target = cfg.target_count or data.n_max
-    plan = generation_plan(data.train_counts, target, cfg.gen_batch)
-    saved = [os.path.isfile(os.path.join(folder, f"shard_{i:05d}.pt")) for i in range(len(plan))]
-    if any(saved):
-        log(f"generate: {sum(saved)} of {len(plan)} shards already saved, resuming")
-    # Shard i is generated by rank i % world size, and only that rank writes its file.
-    mine = range(rank(), len(plan), world_size())
-    todo = [i for i in mine if not saved[i]]
-    # Test hook: exit abruptly (like kill -9) after this many new shards, so the test suite can
-    # check that a rerun resumes from the saved shards.
-    exit_after = int(os.environ.get("DIFFULT_EXIT_AFTER_SHARDS", "0"))
-    steps = cfg.timesteps if cfg.sampler == "ddpm" else cfg.sample_steps
-    n_images, n_mine = sum(len(p) for p in plan), sum(len(plan[i]) for i in mine)
-    bar = tqdm(total=n_mine, initial=n_mine - sum(len(plan[i]) for i in todo),
-               desc=f"generate ({cfg.sampler}, {steps} steps)", unit="img", disable=not is_main())
-    bf16 = use_bf16(cfg, device)
-    for n_new, i in enumerate(todo, 1):
-        labels = plan[i]
-        gen = torch.Generator().manual_seed(rng_seed(cfg, "generate-shard", i))
-        x = sample(ema, labels.to(device), betas, abar, gen, cfg.sampler, cfg.sample_steps,
-                   cfg.guidance, cfg.eta, null_label=data.num_classes, channels=data.channels,
-                   size=cfg.gen_size, bf16=bf16)
-        lt_data.atomic_save({"images": to_uint8(x).cpu(), "labels": labels},
-                            os.path.join(folder, f"shard_{i:05d}.pt"))
-        bar.update(len(labels))
-        if n_new == exit_after:
-            os._exit(137)
-    bar.close()
-    return {"target_count": target, "shards": len(plan), "images": n_images,
-            "sampler": cfg.sampler, "steps": steps}
-
-
-def load_generated(cfg, data):
-    """All generated images and labels, shard by shard in plan order. Each shard is checked
-    against the generation plan: a shard of another image shape or dtype, or with other labels (a
-    file from another run, say), is BadInput here instead of a crash or a silent mix later on."""
-    C, S = data.channels, cfg.gen_size
-    plan = generation_plan(data.train_counts, cfg.target_count or data.n_max, cfg.gen_batch)
-    images, labels = [], []
-    for i, planned in enumerate(plan):
-        path = os.path.join(cfg.out, "generate", f"shard_{i:05d}.pt")
-        shard = lt_data.load_checkpoint(path, keys=("images", "labels"))
-        x, y = shard["images"], shard["labels"]
-        expected = (len(planned), C, S, S)
-        if not (torch.is_tensor(x) and x.dtype == torch.uint8 and tuple(x.shape) == expected):
-            problem = (f"images {getattr(x, 'dtype', type(x).__name__)} "
-                       f"{tuple(getattr(x, 'shape', ()))}, this run generates uint8 {expected}")
-        elif not (torch.is_tensor(y) and y.dtype == torch.long and y.shape == planned.shape):
-            problem = f"labels that are not {len(planned)} int64 class indices"
-        elif ((y < 0) | (y >= data.num_classes)).any():
-            problem = f"labels outside 0..{data.num_classes - 1}"
-        elif not torch.equal(y, planned):
-            problem = "other labels than this run's generation plan"
-        else:
-            images.append(x)
-            labels.append(y)
-            continue
-        raise BadInput(f"{path} holds {problem}; rerun with --redo generate")
-    if not images:
-        return torch.zeros(0, C, S, S, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
-    return torch.cat(images), torch.cat(labels)
-
-
-def frechet_or_none(a, b):
-    """In-domain Frechet distance between two phi-feature sets, or None when either set has no more
-    samples than the feature dimension: with n <= D the covariance is singular and the number is
-    dominated by which directions happen to be sampled (our rule)."""
-    if min(len(a), len(b)) <= a.shape[1]:
-        return None
-    return lt_data.frechet_distance(a, b)
-
-
-def save_samples_png(images, groups, path, per_row=10):
-    """samples.png: one row each of ID, AID and OOD samples (blank where a group has fewer),
-    spread over the group so that several classes show; small images are upscaled for viewing."""
-    from PIL import Image
-    C, H, W = images.shape[1:]
-    zoom, pad = max(1, 32 // W), 2
-    h, w = H * zoom, W * zoom
-    grid = torch.full((C, pad + 3 * (h + pad), pad + per_row * (w + pad)), 128, dtype=torch.uint8)
-    for g in range(3):
-        members = torch.nonzero(groups == g).flatten()
-        pick = members[torch.linspace(0, len(members) - 1, min(per_row, len(members))).long()] \
-            if len(members) else members
-        for j, i in enumerate(pick.tolist()):
-            top, left = pad + g * (h + pad), pad + j * (w + pad)
-            grid[:, top:top + h, left:left + w] = \
-                images[i].repeat_interleave(zoom, 1).repeat_interleave(zoom, 2)
-    pixels = grid[0].numpy() if C == 1 else grid.permute(1, 2, 0).numpy()
-    lt_data.atomic_write(path, lambda f: Image.fromarray(pixels).save(f, format="PNG"))
-
-
-def stage_filter(cfg, data, device):
-    """Stage 4: ID / AID / OOD by phi-distance to the class centre (band()); OOD dropped unless
-    --no-filter. Fractions, kept counts, distances and Frechet distances go to "generated"."""
-    folder = stage_dir(cfg, "filter")
-    images, labels = load_generated(cfg, data)
-    phi = load_classifier(cfg, data, "baseline", device)
-    stats = lt_data.load_checkpoint(os.path.join(cfg.out, "baseline", "stats.pt"),
-                                    keys=("centres", "radii", "feats", "labels"))
-    feats = phi_features(phi, images, data, cfg, device)
-    dist = (feats - stats["centres"][labels]).norm(dim=1)
-    groups = band(dist, stats["radii"][labels])
-    keep = torch.ones_like(groups, dtype=torch.bool) if cfg.no_filter else groups < 2
-    lt_data.atomic_save({"images": images[keep], "labels": labels[keep]},
-                        os.path.join(folder, "kept.pt"))
-    save_samples_png(images, groups, os.path.join(cfg.out, "samples.png"))
-
-    C, names = data.num_classes, ("id", "aid", "ood")
-    per_class = torch.bincount(labels, minlength=C)
-    frac = {}
-    for g, name in enumerate(names):
-        in_g = groups == g
-        frac[name] = in_g.double().mean().item() if len(groups) else None
-        n_g = torch.bincount(labels[in_g], minlength=C)
-        frac[f"{name}_per_class"] = [n / m if m else None for n, m in
-                                     zip(n_g.tolist(), per_class.tolist())]
-    real_f, real_y = stats["feats"], stats["labels"]
-    return {
-        "counts": per_class.tolist(),  # generated images per class
-        "target_count": cfg.target_count or data.n_max,
-        "fractions": frac,
-        "kept": int(keep.sum()),
-        "kept_per_class": torch.bincount(labels[keep], minlength=C).tolist(),
-        "filtered": not cfg.no_filter,
-        "mean_distance": {n: (dist[groups == g].mean().item() if (groups == g).any() else None)
-                          for g, n in enumerate(names)},
-        "mean_distance_over_radius": {
-            n: ((dist / stats["radii"][labels])[groups == g].mean().item()
-                if (groups == g).any() else None) for g, n in enumerate(names)},
-        "frechet": {
-            "overall": frechet_or_none(real_f, feats),
-            "per_class": [frechet_or_none(real_f[real_y == c], feats[labels == c])
-                          for c in range(C)],
-            **{n: frechet_or_none(real_f, feats[groups == g]) for g, n in enumerate(names)},
-        },
-    }
-
-
-class Upsampled(torch.utils.data.Dataset):
-    """Generated uint8 images resized to the classifier's input (imagenet_lt generates at 64)."""
-
-    def __init__(self, images, labels, size):
-        self.images, self.labels, self.size = images, labels, size
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        x = resize(self.images[i:i + 1].float(), self.size).round().clamp(0, 255)
-        return x[0].to(torch.uint8), self.labels[i]
-
-
-def stage_classifier(cfg, data, device):
-    """Stage 5: a fresh classifier on real + kept synthetic images, the stage-1 recipe with
-    weighted CE: w = 1 for real and omega for synthetic samples (weighted_ce)."""
-    folder = stage_dir(cfg, "classifier")
-    kept = lt_data.load_checkpoint(os.path.join(cfg.out, "filter", "kept.pt"),
-                                   keys=("images", "labels"))
-    real = data.train
-    if hasattr(real, "images") and cfg.gen_size == cfg.image_size:
-        dataset = lt_data.TensorImages(torch.cat([real.images, kept["images"]]),
-                                       torch.cat([real.labels, kept["labels"]]))
-    else:
-        dataset = torch.utils.data.ConcatDataset(
-            [real, Upsampled(kept["images"], kept["labels"], cfg.image_size)])
-    weights = torch.cat([torch.ones(len(real)),
-                         torch.full((len(kept["labels"]),), cfg.synthetic_weight)])
-    torch.manual_seed(rng_seed(cfg, "classifier-init"))
-    model = make_classifier(cfg.arch, data.num_classes, data.channels)
-    train_classifier(model, dataset, data, cfg, device, os.path.join(folder, "ckpt.pt"),
-                     weights=weights, desc="DiffuLT classifier")
-    return {"real": len(real), "synthetic": len(kept["labels"]),
-            "synthetic_weight": cfg.synthetic_weight}
-
-
-def stage_evaluate(cfg, data, device):
-    """Stage 6: CE, LA (post-hoc logit adjustment, tau = 1, real prior) on the stage-1 model;
-    DiffuLT and DiffuLT+LA (prior of the data it was trained on) on the stage-5 model."""
-    split = data.val if cfg.eval_split == "val" else data.test
-    kept = read_done(cfg, "filter")["kept_per_class"]
-    rows = {}
-    for stage, name, la_name, prior in (
-            ("baseline", "CE", "LA", data.train_counts),
-            ("classifier", "DiffuLT", "DiffuLT+LA",
-             training_prior(data.train_counts, kept, cfg.synthetic_weight))):
-        logits, _ = predict(load_classifier(cfg, data, stage, device), split, data, device,
-                            workers=cfg.workers)
-        for row, scores in ((name, logits), (la_name, lt_data.logit_adjust(logits, prior, 1.0))):
-            rows[row] = lt_data.accuracy_report(scores.argmax(1), split.labels, data.train_counts)
-    return {"rows": {k: rows[k] for k in ("CE", "LA", "DiffuLT", "DiffuLT+LA")}}
-
-
-def run(cfg):
-    """The whole pipeline: every stage that is not done yet, then results.json and the table.
-    Under torchrun every rank runs this; rank 0 alone writes the shared files."""
-    lt_data.seed_everything(cfg.seed)
-    device = dist_setup(cfg)
-    load = (cfg.dataset, cfg.data_root, cfg.imb, cfg.seed)
-    if cfg.download and world_size() > 1:  # one download, by rank 0, before any rank reads it
-        on_main(lambda: lt_data.load_dataset(*load, True, image_size=cfg.image_size))
-    data = agree(lt_data.load_dataset, *load, cfg.download, image_size=cfg.image_size)
+def load_data(cfg):
+    """The dataset; under torchrun rank 0 reads (and downloads) it before the others."""
+    if rank() > 0:
+        barrier()
+    data = lt_data.load_dataset(cfg.dataset, cfg.data_root, cfg.imb, cfg.seed, cfg.download)
+    if rank() == 0:
+        barrier()
     if cfg.eval_split == "val" and data.val is None:
         raise BadInput(f"{cfg.dataset} has no validation split here; use --eval-split test")
-    config = dataclasses.asdict(cfg)
-    may_change = [f for s in STAGES[STAGES.index(cfg.redo):] for f in REDO_FIELDS.get(s, ())] \
-        if cfg.redo else []
+    return data
 
-    def prepare():  # rank 0 alone: the others would race it for config.json and the --redo
-        lt_data.check_run_dir(cfg.out, config, ignore=NOT_RESULTS, may_change=may_change)
-        if cfg.redo:
-            redo_from(cfg, cfg.redo)
-            lt_data.atomic_json(config, os.path.join(cfg.out, "config.json"))  # describes all now
-        return [is_done(cfg, name) for name in STAGES]
 
-    done = from_main(on_main(prepare))  # every rank skips the stages rank 0 found done
-    stages = (stage_baseline, stage_diffusion, stage_generate, stage_filter, stage_classifier,
-              stage_evaluate)
-    # filter and evaluate make one pass over the generated or test images, cheap next to the
-    # training stages: rank 0 does them alone while the others wait.
-    alone = ("filter", "evaluate")
-    for name, fn, finished in zip(STAGES, stages, done):
-        if finished:
+def run_stages(cfg, data, device, stages, all_ranks):
+    """Every stage without a done.json (rank 0 alone runs those not in all_ranks), then
+    results.json from the evaluate stage's record, and its rows as a table."""
+    if rank() == 0:
+        check_run_dir(cfg)
+    barrier()
+    for name, fn in stages.items():
+        if os.path.isfile(os.path.join(cfg.out, name, "done.json")):
             log(f"{name}: done, skipped")
             continue
         t0 = time.time()
-        info = on_main(fn, cfg, data, device) if name in alone else fn(cfg, data, device)
-        barrier()  # the stage is done when every rank is: e.g. each has saved its shards
-        if is_main():
-            # Seconds of the process that finished the stage (a resumed stage counts its last
-            # part).
-            mark_done(cfg, name, {**info, "seconds": time.time() - t0})
+        info = fn(cfg, data, device) if name in all_ranks or rank() == 0 else {}
+        barrier()
+        if rank() == 0:
+            save_json({**info, "seconds": time.time() - t0},
+                      os.path.join(cfg.out, name, "done.json"))
         log(f"{name}: done in {time.time() - t0:.1f} s")
-    if not is_main():
+    if rank() > 0:
         return None
-    results = {
-        "method": "diffult", "dataset": cfg.dataset, "imb": cfg.imb, "seed": cfg.seed,
-        "train_counts": data.train_counts,
-        "rows": read_done(cfg, "evaluate")["rows"],
-        "generated": {k: v for k, v in read_done(cfg, "filter").items() if k != "seconds"},
-        "timing_s": {s: read_done(cfg, s)["seconds"] for s in STAGES},
-        "config": dataclasses.asdict(cfg),
-    }
-    lt_data.atomic_json(results, os.path.join(cfg.out, "results.json"))
-    print_table(results["rows"])
+    evaluated = read_done(cfg, "evaluate")
+    results = {"method": METHOD, "dataset": cfg.dataset, "imb": cfg.imb, "seed": cfg.seed,
+               "train_counts": data.train_counts, "rows": evaluated["rows"],
+               "generated": evaluated["generated"],
+               "timing_s": {s: read_done(cfg, s)["seconds"] for s in stages},
+               "config": dataclasses.asdict(cfg)}
+    save_json(results, os.path.join(cfg.out, "results.json"))
+    print(f"{'row':<14}{'overall':>8}{'many':>8}{'medium':>8}{'few':>8}")
+    for name, r in results["rows"].items():
+        cells = ("-" if r[k] is None else f"{r[k]:.2f}"
+                 for k in ("overall", "many", "medium", "few"))
+        print(f"{name:<14}" + "".join(f"{c:>8}" for c in cells))
     return results
 
 
 def main(argv=None):
-    # Under torchrun every rank meets the same bad input (same flags and files) or is told of it
-    # (agree, on_main) and exits with its code; rank 0 alone prints the line.
+    """Exit codes: 0 done, 2 bad input (one line), 1 a diverged run (one line) or a bug."""
     try:
-        cfg = parse_config(argv)
-        run(cfg)
-    except BadInput as e:
-        if is_main():
+        run(parse_config(argv))
+    except (BadInput, FloatingPointError) as e:
+        if rank() == 0:
             print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
-        return 2
-    except FloatingPointError as e:  # a diverged loss: say so in one line, keep the checkpoints
-        if is_main():
-            print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, BadInput) else 1
     except KeyboardInterrupt:
-        if is_main():
-            print("interrupted; rerun the same command to resume", file=sys.stderr)
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     finally:
-        dist_cleanup()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

@@ -20,6 +20,7 @@ import os
 import statistics
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -33,7 +34,7 @@ import lt_data  # noqa: E402
 pytestmark = pytest.mark.bench
 CPU = torch.device("cpu")
 PRECISIONS = ("fp32", "bf16")
-# (dataset, classes, channels) of each UNet configuration in diffult.GEN_DEFAULTS (cifar10 and
+# (dataset, classes, channels) of each UNet configuration in diffult.DEFAULTS (cifar10 and
 # cifar100 share theirs; cifar100 has the larger label table).
 UNETS = (("digits", 10, 1), ("cifar100", 100, 3), ("imagenet_lt", 1000, 3))
 # Per configuration: (training batch, sampling batch, warm-up repetitions, timed repetitions).
@@ -90,7 +91,8 @@ def params_m(model):
 def unet(dataset, classes, channels):
     cfg = diffult.parse_config(["--dataset", dataset])
     torch.manual_seed(0)
-    return diffult.UNet(classes, channels, **diffult.cfg_unet(cfg)), cfg
+    data = types.SimpleNamespace(num_classes=classes, channels=channels)
+    return diffult.make_unet(cfg, data), cfg
 
 
 def diffusion_step(model, opt_, x0, y, abar, gen, precision, forward=None):
@@ -151,7 +153,7 @@ def test_unet_training_and_sampling():
 def test_resnet32_training(tmp_path):
     print(f"\n[bench] ResNet-32, diffult.train_classifier, one epoch per repetition ({machine()})")
     steps = 6
-    for name, channels, size, mean, std in (("cifar10", 3, 32) + lt_data.CIFAR_STATS["cifar10"],
+    for name, channels, size, mean, std in (("cifar10", 3, 32) + lt_data.CIFAR["cifar10"][2:],
                                             ("digits", 1, 8, lt_data.DIGITS["mean"],
                                              lt_data.DIGITS["std"])):
         base = diffult.parse_config(["--dataset", name, "--epochs", "1",
@@ -161,7 +163,7 @@ def test_resnet32_training(tmp_path):
         images = torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8, generator=gen)
         labels = torch.arange(n) % 10
         train = lt_data.TensorImages(images, labels)
-        data = lt_data.LTData(name=name, train=train, val=None, test=train,
+        data = lt_data.LTData(name=name, train=train, train_plain=train, val=None, test=train,
                               train_counts=torch.bincount(labels).tolist(), num_classes=10,
                               channels=channels, image_size=size, mean=mean, std=std,
                               n_max=int(torch.bincount(labels).max()))
@@ -173,7 +175,7 @@ def test_resnet32_training(tmp_path):
             cfg = dataclasses.replace(base, precision=precision)
             ckpt = str(tmp_path / f"{name}_{next(runs)}.pt")  # fresh: nothing to resume
             with contextlib.redirect_stderr(io.StringIO()):  # the progress bar
-                diffult.train_classifier(model, train, data, cfg, CPU, ckpt)
+                diffult.train_classifier(model, train, data, cfg, CPU, ckpt, "bench")
             os.remove(ckpt)
 
         r = rates({p: (lambda p=p: epoch(p)) for p in PRECISIONS}, n, 1, 5)
@@ -193,21 +195,21 @@ def test_feature_denoiser():
         cfg = ldmlr.parse_config(["--dataset", name])
         dim = 64
         torch.manual_seed(0)
-        model = ldmlr.Denoiser(dim, classes, cfg.diff_width, cfg.diff_blocks)
-        opt_ = torch.optim.Adam(model.parameters(), lr=cfg.diff_lr)
+        model = ldmlr.Denoiser(dim, classes, cfg.denoiser_width, cfg.denoiser_blocks)
+        opt_ = torch.optim.Adam(model.parameters(), lr=cfg.diffusion_lr)
         gen = torch.Generator().manual_seed(0)
-        x0 = torch.randn(cfg.diff_batch, dim, generator=gen)
-        y = torch.randint(classes, (cfg.diff_batch,), generator=gen)
+        x0 = torch.randn(cfg.diffusion_batch, dim, generator=gen)
+        y = torch.randint(classes, (cfg.diffusion_batch,), generator=gen)
 
         def step(p):
             with autocast(p):
-                loss = ldmlr.diffusion_loss(model, x0, y, abar, gen)
+                loss = ldmlr.ddpm_loss(model, x0, y, abar)
             opt_.zero_grad(set_to_none=True)
             loss.float().backward()
             opt_.step()
             assert math.isfinite(loss.item())
 
-        train = rates({p: (lambda p=p: step(p)) for p in PRECISIONS}, cfg.diff_batch, 5, 20)
+        train = rates({p: (lambda p=p: step(p)) for p in PRECISIONS}, cfg.diffusion_batch, 5, 20)
         gen_b = 1024  # stage_generate's batch
         z = torch.randn(gen_b, dim, generator=gen)
         zy = torch.randint(classes, (gen_b,), generator=gen)
@@ -218,8 +220,8 @@ def test_feature_denoiser():
                 assert bool(torch.isfinite(model(z, tt, zy)).all())
 
         samp = rates({p: (lambda p=p: denoise(p)) for p in PRECISIONS}, gen_b, 5, 20)
-        print(f"  {name:<9} width {cfg.diff_width:4d}, {cfg.diff_blocks} blocks, "
-              f"{params_m(model):5.2f} M   train (batch {cfg.diff_batch}) {both(train, 'vec/s')}"
+        print(f"  {name:<9} width {cfg.denoiser_width:4d}, {cfg.denoiser_blocks} blocks, "
+              f"{params_m(model):5.2f} M   train (batch {cfg.diffusion_batch}) {both(train, 'vec/s')}"
               f"   sample step (batch {gen_b}) {both(samp, 'vec/s')}   (median of 20 after 5 "
               f"warm-up)")
 

@@ -46,7 +46,7 @@ COMMANDS = {
                 "--diffusion-steps", "24", "--ckpt-every", "4", "--target-count", "60",
                 "--gen-batch", "16"],
     "ldmlr": [os.path.join(ROOT, "ldmlr.py"), "--dataset", "digits", "--smoke", "--epochs", "4",
-              "--diff-steps", "200", "--ckpt-every", "20"],
+              "--diffusion-steps", "200", "--ckpt-every", "20"],
 }
 MODULES = {"diffult": diffult, "ldmlr": ldmlr}
 
@@ -117,7 +117,7 @@ def kill_and_resume(script, ref, out, stage, marker):
     ckpt = os.path.join(folder, "ckpt.pt")
     left = types.SimpleNamespace(
         done=os.path.exists(os.path.join(folder, "done.json")),
-        ckpt=lt_data.load_checkpoint(ckpt) if os.path.exists(ckpt) else None,
+        ckpt=diffult.load_checkpoint(ckpt) if os.path.exists(ckpt) else None,
         shards=sorted(f for f in os.listdir(folder) if f.startswith("shard_")))
     return types.SimpleNamespace(out=out, left=left, resumed=cli(script, out))
 
@@ -129,7 +129,7 @@ def rows(out):
 
 def shards(out):
     folder = os.path.join(out, "generate")
-    return {f: lt_data.load_checkpoint(os.path.join(folder, f))
+    return {f: diffult.load_checkpoint(os.path.join(folder, f))
             for f in sorted(os.listdir(folder)) if f.startswith("shard_")}
 
 
@@ -150,14 +150,15 @@ def snapshot(out, stages):
 
 
 PROGRESS_BAR = re.compile(r"\| *\d+/\d+ \[")  # tqdm's "...| 3/40 [00:01<00:02, ...]"
+STAGE_LOG = re.compile(r"\[(diffult|ldmlr)\] ")  # the stage log lines both scripts print
 
 
 def error_line(stderr):
     """The one line a failed run prints. Besides it stderr may only hold progress bars and
-    diffult.py's stage log lines ('[diffult] ...'; ldmlr.py logs its stages on stdout): anything
-    else, a traceback above all, fails."""
+    the scripts' stage log lines ('[diffult] ...', '[ldmlr] ...'): anything else, a traceback
+    above all, fails."""
     assert "Traceback" not in stderr, stderr
-    lines = [l for l in stderr.splitlines() if l.strip() and not l.startswith("[diffult] ")
+    lines = [l for l in stderr.splitlines() if l.strip() and not STAGE_LOG.match(l)
              and not PROGRESS_BAR.search(l)]
     assert len(lines) == 1 and ": error: " in lines[0], stderr
     return lines[0]
@@ -165,9 +166,7 @@ def error_line(stderr):
 
 def skipped(script, stdout, stderr):
     """The stages a run reported as finished before and skipped."""
-    if script == "diffult":
-        return [s for s in diffult.STAGES if f"[diffult] {s}: done, skipped" in stderr]
-    return [s for s in ldmlr.STAGES if f"[{s}] done, skipped" in stdout]
+    return [s for s in MODULES[script].STAGES if f"[{script}] {s}: done, skipped" in stderr]
 
 
 @pytest.fixture
@@ -244,7 +243,7 @@ def test_diffult_killed_in_diffusion_resumes_to_the_same_results(kills, refs):
     assert k.resumed.returncode == 0, k.resumed.stderr[-3000:]
     assert f"[diffult] diffusion: resuming at step {k.left.ckpt['step']}" in k.resumed.stderr
     assert skipped("diffult", k.resumed.stdout, k.resumed.stderr) == ["baseline"]
-    a, b = (lt_data.load_checkpoint(os.path.join(d, "diffusion", "ckpt.pt")) for d in (ref, k.out))
+    a, b = (diffult.load_checkpoint(os.path.join(d, "diffusion", "ckpt.pt")) for d in (ref, k.out))
     assert a["step"] == b["step"] == 24 and same_weights(a["ema"], b["ema"])
     a, b = shards(ref), shards(k.out)
     assert list(a) == list(b)
@@ -274,9 +273,9 @@ def test_ldmlr_killed_in_diffusion_resumes_to_the_same_results(kills, refs):
     ref, k = refs["ldmlr"][0], kills["ldmlr diffusion"]
     assert not k.left.done and 0 < k.left.ckpt["step"] < 200
     assert k.resumed.returncode == 0, k.resumed.stderr[-3000:]
-    assert f"[diffusion] resuming at step {k.left.ckpt['step']}" in k.resumed.stdout
+    assert f"[ldmlr] diffusion: resuming at step {k.left.ckpt['step']}" in k.resumed.stderr
     assert skipped("ldmlr", k.resumed.stdout, k.resumed.stderr) == ["encoder", "encode"]
-    a, b = (lt_data.load_checkpoint(os.path.join(d, "diffusion", "ckpt.pt")) for d in (ref, k.out))
+    a, b = (diffult.load_checkpoint(os.path.join(d, "diffusion", "ckpt.pt")) for d in (ref, k.out))
     assert same_weights(a["ema"], b["ema"]) and same_weights(a["model"], b["model"])
     assert rows(k.out) == rows(ref)
 
@@ -287,14 +286,14 @@ def test_ldmlr_killed_in_the_encoder_resumes_to_the_same_rows(kills, refs):
     epochs_done = k.left.ckpt["epoch"] + 1
     assert not k.left.done and epochs_done < 4
     assert k.resumed.returncode == 0, k.resumed.stderr[-3000:]
-    assert f"[encoder] resuming after {epochs_done} of 4 epochs" in k.resumed.stdout
+    assert f"[ldmlr] stage-1: resuming after {epochs_done} of 4 epochs" in k.resumed.stderr
     assert rows(k.out) == rows(refs["ldmlr"][0])
 
 
 # -------------------------------------------------------------------------------------------------
 # 3: a diverged loss
 
-LR_FLAG = {"diffult": "--diffusion-lr", "ldmlr": "--diff-lr"}
+LR_FLAG = {"diffult": "--diffusion-lr", "ldmlr": "--diffusion-lr"}
 # An absurd learning rate: Adam's first update moves every weight by ~1e20 and the next loss
 # overflows. A checkpoint every step, so that there is one from before the divergence to keep.
 DIVERGE = ["--redo", "diffusion", "--ckpt-every", "1"]
@@ -323,7 +322,7 @@ def test_diverged_diffusion_stops_with_one_line_and_keeps_the_last_good_checkpoi
     assert re.search(r"diffusion: loss became (nan|inf|-inf)", line) and ckpt_path in line, line
     diverged_at = int(re.search(r"step (\d+)", line).group(1))
 
-    ckpt = lt_data.load_checkpoint(ckpt_path)
+    ckpt = diffult.load_checkpoint(ckpt_path)
     assert 1 <= ckpt["step"] < diverged_at
     for key in ("model", "ema"):
         assert all(torch.isfinite(v).all() for v in ckpt[key].values()), key
@@ -332,7 +331,7 @@ def test_diverged_diffusion_stops_with_one_line_and_keeps_the_last_good_checkpoi
     if script == "diffult":
         model = diffult.make_unet(cfg, types.SimpleNamespace(num_classes=10, channels=1))
     else:
-        model = ldmlr.Denoiser(len(ckpt["mu"]), 10, cfg.diff_width, cfg.diff_blocks)
+        model = ldmlr.Denoiser(len(ckpt["mu"]), 10, cfg.denoiser_width, cfg.denoiser_blocks)
     model.load_state_dict(ckpt["ema"])  # the kept checkpoint is a usable model
     assert not os.path.exists(os.path.join(out, "diffusion", "done.json"))
     assert os.path.exists(os.path.join(out, first_stage, "done.json"))
@@ -357,15 +356,15 @@ def test_ldmlr_weights_that_overflow_at_a_checkpoint_are_not_saved(tmp_path, mon
                                                                      one_thread):
     g = torch.Generator().manual_seed(0)
     os.makedirs(tmp_path / "encode")
-    lt_data.atomic_save({"train": {"features": torch.relu(torch.randn(60, 8, generator=g)),
-                                   "labels": torch.arange(60) % 3}},
-                        str(tmp_path / "encode" / "features.pt"))
+    ldmlr.save(str(tmp_path / "encode" / "features.pt"),
+               train={"features": torch.relu(torch.randn(60, 8, generator=g)),
+                      "labels": torch.arange(60) % 3})
     cfg = ldmlr.parse_config(["--dataset", "digits", "--smoke", "--out", str(tmp_path),
-                              "--diff-steps", "30", "--ckpt-every", "10"])
+                              "--diffusion-steps", "30", "--ckpt-every", "10"])
     overflow_after(monkeypatch, 20)  # the update of step 20, whose checkpoint comes next
     with pytest.raises(FloatingPointError, match="weights became non-finite"):
         ldmlr.stage_diffusion(cfg, types.SimpleNamespace(num_classes=3), torch.device("cpu"))
-    ckpt = lt_data.load_checkpoint(str(tmp_path / "diffusion" / "ckpt.pt"))
+    ckpt = diffult.load_checkpoint(str(tmp_path / "diffusion" / "ckpt.pt"))
     assert ckpt["step"] == 10
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
@@ -373,15 +372,15 @@ def test_ldmlr_weights_that_overflow_at_a_checkpoint_are_not_saved(tmp_path, mon
 def test_diffult_weights_that_overflow_at_a_checkpoint_are_not_saved(tmp_path, monkeypatch,
                                                                        one_thread):
     cfg = diffult.parse_config(["--dataset", "digits", "--smoke", "--out", str(tmp_path),
-                                "--alpha", "0"])  # 6 steps, a checkpoint every 3; phi not needed
+                                "--aid-alpha", "0"])  # 6 steps, a checkpoint every 3; no phi
     data = lt_data.load_dataset("digits", imb=cfg.imb, seed=0)
     os.makedirs(tmp_path / "baseline")
-    lt_data.atomic_save({"centres": torch.zeros(10, 64), "radii": torch.ones(10)},
-                        str(tmp_path / "baseline" / "stats.pt"))
+    diffult.save(str(tmp_path / "baseline" / "stats.pt"), centres=torch.zeros(10, 64),
+                 radii=torch.ones(10))
     overflow_after(monkeypatch, 6)
     with pytest.raises(FloatingPointError, match="weights became non-finite"):
         diffult.stage_diffusion(cfg, data, torch.device("cpu"))
-    ckpt = lt_data.load_checkpoint(str(tmp_path / "diffusion" / "ckpt.pt"))
+    ckpt = diffult.load_checkpoint(str(tmp_path / "diffusion" / "ckpt.pt"))
     assert ckpt["step"] == 3
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
@@ -399,12 +398,9 @@ BAD_FLAGS = [  # (script, flags, what the line must say); comment: what a fresh 
     ("diffult", ["--imb", "10"], "another config (imb"),
     ("ldmlr", ["--ratio", "nan"], "--ratio"),                   # round(nan): a traceback
     ("ldmlr", ["--lr", "nan"], "--lr"),                         # exit 1, "diverged"
-    ("ldmlr", ["--tau", "inf"], "--tau"),                       # accepted: rows of inf logits
+    ("ldmlr", ["--la-tau", "inf"], "--la-tau"),                 # accepted: rows of inf logits
     ("ldmlr", ["--workers", "-1"], "--workers"),                # accepted
-    ("ldmlr", ["--diff-steps", "100"], "another config (diff_steps"),
-    ("diffult", ["--diffusion-lr", "1e38"], "--diffusion-lr"),  # Adam's overflow, a traceback
-    ("ldmlr", ["--ft-lr", "1e38"], "--ft-lr"),                  # Adam's overflow, a traceback
-    ("ldmlr", ["--lr", "1e39"], "--lr"),                        # SGD's overflow, a traceback
+    ("ldmlr", ["--diffusion-steps", "100"], "another config (diffusion_steps"),
 ]
 
 
@@ -437,9 +433,9 @@ def test_out_that_is_a_file_exits_2(tmp_path, capsys):
 def test_missing_cifar_exits_2_and_says_how_to_get_it(script, tmp_path, capsys):
     out = str(tmp_path / "run")
     code, _, err = in_process(script, out, ["--dataset", "cifar100", "--data-root",
-                                            str(tmp_path / "data")], capsys)
+                                            str(tmp_path / "data"), "--no-download"], capsys)
     line = error_line(err)
-    assert code == 2 and "cifar-100-python" in line and "--download" in line
+    assert code == 2 and "cifar-100-python" in line and "--no-download" in line
     assert not os.path.exists(out)  # a run that cannot start leaves no directory behind
 
 
@@ -538,7 +534,7 @@ def test_generated_shard_of_another_shape_dtype_or_labels_exits_2(refs, tmp_path
     out = str(tmp_path / "run")
     shutil.copytree(refs["diffult"][0], out)
     path = os.path.join(out, "generate", "shard_00001.pt")
-    shard = lt_data.load_checkpoint(path)
+    shard = diffult.load_checkpoint(path)
     x, y = shard["images"], shard["labels"]
     before = snapshot(out, ["baseline", "diffusion"])
     bad_labels = y.clone()
@@ -557,7 +553,7 @@ def test_generated_shard_of_another_shape_dtype_or_labels_exits_2(refs, tmp_path
     code, printed, err = in_process("diffult", out, ["--redo", "generate"], capsys)
     assert code == 0, err[-3000:]
     assert skipped("diffult", printed, err) == ["baseline", "diffusion"]
-    assert torch.equal(lt_data.load_checkpoint(path)["images"], x)  # regenerated as before
+    assert torch.equal(diffult.load_checkpoint(path)["images"], x)  # regenerated as before
 
 
 @pytest.mark.slow
@@ -565,7 +561,7 @@ def test_pseudo_features_of_another_size_or_labels_exit_2(refs, tmp_path, capsys
     out = str(tmp_path / "run")
     shutil.copytree(refs["ldmlr"][0], out)
     path = os.path.join(out, "generate", "pseudo.pt")
-    pseudo = lt_data.load_checkpoint(path)
+    pseudo = diffult.load_checkpoint(path)
     feats, labels = pseudo["features"], pseudo["labels"]
     before = snapshot(out, ["encoder", "encode", "diffusion"])
     bad_labels = labels.clone()

@@ -17,6 +17,7 @@ import lt_data  # noqa: E402
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "ldmlr.py")
 ROWS = ("CE", "LA", "CE+LDMLR", "LA+LDMLR", "cRT")
+CPU = torch.device("cpu")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -59,16 +60,18 @@ def test_q_sample_has_closed_form_mean_and_variance(t, x0, seed):
 
 @given(t=st.integers(0, 999), seed=st.integers(0, 2 ** 31), dim=st.integers(1, 16))
 @settings(max_examples=40, deadline=None)
-def test_x0_eps_x0_round_trip(t, seed, dim):
+def test_x0_eps_x0_round_trip_through_ddim_step(t, seed, dim):
     _, abar = ldmlr.cosine_schedule(1000)
     g = torch.Generator().manual_seed(seed)
     x0 = 3 * torch.randn(5, dim, generator=g, dtype=torch.float64)
     eps = torch.randn(5, dim, generator=g, dtype=torch.float64)
-    ts = torch.full((5,), t)
-    xt = ldmlr.q_sample(x0, ts, eps, abar)
-    eps_back = ldmlr.predict_eps(xt, ts, x0, abar)
-    assert torch.allclose(eps_back, eps, atol=1e-6)
-    assert torch.allclose(ldmlr.predict_x0(xt, ts, eps_back, abar), x0, atol=1e-6)
+    xt = ldmlr.q_sample(x0, torch.full((5,), t), eps, abar)
+    a_t, a_prev = abar[t].item(), abar[t - 1].item() if t else 1.0
+    # eps -> x0: a step to the data (a_prev = 1) returns the x0 that eps implies
+    assert torch.allclose(ldmlr.ddim_step(xt, eps, a_t, 1.0), x0, atol=1e-6)
+    # x0 -> eps: a clip box that holds only the true x0 re-derives the true eps from any estimate
+    clipped = ldmlr.ddim_step(xt, eps + 1, a_t, a_prev, clip=(x0, x0))
+    assert torch.allclose(clipped, ldmlr.ddim_step(xt, eps, a_t, a_prev), atol=1e-6)
 
 
 def small_denoiser(dim=3, classes=2, seed=0):
@@ -83,14 +86,14 @@ def test_ddim_with_eta_zero_is_deterministic(seed, steps):
     _, abar = ldmlr.cosine_schedule(1000)
     y = torch.tensor([0, 1, 1])
     x = torch.randn(3, 3, generator=torch.Generator().manual_seed(seed))
-    # Same start, different generators: eta = 0 must draw no noise at all.
-    a = ldmlr.ddim_sample(model, y, 3, abar, steps, 0.0, torch.Generator().manual_seed(1), x=x)
-    b = ldmlr.ddim_sample(model, y, 3, abar, steps, 0.0, torch.Generator().manual_seed(2), x=x)
-    assert torch.equal(a, b)
-    # ... whereas eta = 1 does use the generator.
-    c = ldmlr.ddim_sample(model, y, 3, abar, steps, 1.0, torch.Generator().manual_seed(1), x=x)
-    d = ldmlr.ddim_sample(model, y, 3, abar, steps, 1.0, torch.Generator().manual_seed(2), x=x)
-    assert steps == 1 or not torch.equal(c, d)
+
+    def sample(eta, rng_seed):
+        torch.manual_seed(rng_seed)
+        return ldmlr.ddim_sample(model, y, 3, abar, steps, eta, x=x)
+    # Same start, different global RNG state: eta = 0 must draw no noise at all ...
+    assert torch.equal(sample(0.0, 1), sample(0.0, 2))
+    # ... whereas eta = 1 does use the RNG (one step goes straight to x0, without noise).
+    assert steps == 1 or not torch.equal(sample(1.0, 1), sample(1.0, 2))
 
 
 @given(seed=st.integers(0, 2 ** 31), eta=st.floats(0, 1))
@@ -100,10 +103,10 @@ def test_ddim_one_step_returns_the_x0_prediction(seed, eta):
     _, abar = ldmlr.cosine_schedule(1000)
     y = torch.tensor([1, 0])
     x = torch.randn(2, 3, generator=torch.Generator().manual_seed(seed))
-    out = ldmlr.ddim_sample(model, y, 3, abar, 1, eta, torch.Generator().manual_seed(0), x=x)
-    t = torch.full((2,), 999)
+    out = ldmlr.ddim_sample(model, y, 3, abar, 1, eta, x=x)
+    a = abar[999].item()
     with torch.no_grad():
-        expected = ldmlr.predict_x0(x, t, model(x, t, y), abar)
+        expected = (x - (1 - a) ** 0.5 * model(x, torch.full((2,), 999), y)) / a ** 0.5
     assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
@@ -111,13 +114,20 @@ def test_ddim_box_clamps_the_x0_prediction():
     model = small_denoiser()
     _, abar = ldmlr.cosine_schedule(1000)
     box = (torch.full((3,), -0.5), torch.full((3,), 0.25))
-    out = ldmlr.ddim_sample(model, torch.tensor([0, 1]), 3, abar, 1, 0.0,
-                            torch.Generator().manual_seed(0), x0_range=box)
+    torch.manual_seed(0)
+    out = ldmlr.ddim_sample(model, torch.tensor([0, 1]), 3, abar, 1, 0.0, clip=box)
     assert bool((out >= -0.5).all()) and bool((out <= 0.25).all())
 
 
+def test_clip_x0_is_a_bool_flag_on_by_default():
+    assert ldmlr.parse_config(["--dataset", "cifar10"]).clip_x0 is True
+    assert ldmlr.parse_config(["--dataset", "cifar10", "--no-clip-x0"]).clip_x0 is False
+    with pytest.raises(lt_data.BadInput):
+        ldmlr.parse_config(["--clip-x0", "box"])
+
+
 # -------------------------------------------------------------------------------------------------
-# Generation counts, logit adjustment, samplers
+# Generation counts, logit adjustment, samplers, mixup
 
 
 @given(counts=st.lists(st.integers(1, 5000), min_size=1, max_size=30), ratio=st.floats(0, 2),
@@ -155,6 +165,27 @@ def test_logit_adjustment_with_uniform_prior_is_identity(logits, n):
     assert torch.allclose(torch.softmax(adjusted, 1), torch.softmax(logits, 1))
 
 
+def test_la_ldmlr_adjusts_with_the_real_training_counts(tmp_path):
+    """Class 1 has 1 real image and 99 pseudo-features. A prior of real + pseudo counts would be
+    uniform and change nothing; the real counts (the official label-shift row) move the test
+    sample, whose logits (1, 0) favour class 0, to its class 1."""
+    cfg = ldmlr.parse_config(["--dataset", "digits", "--out", str(tmp_path)])  # fills Few
+    data = types.SimpleNamespace(num_classes=2, train_counts=[100, 1], n_max=100)
+    eye = {"weight": torch.eye(2), "bias": torch.zeros(2)}
+    g = torch.Generator().manual_seed(0)
+    train_f, train_y = torch.randn(101, 2, generator=g), torch.tensor([0] * 100 + [1])
+    test_f, test_y = torch.tensor([[1.0, 0.0]]), torch.tensor([1])
+    ldmlr.save(str(tmp_path / "encode" / "features.pt"), fc=eye,
+               train={"features": train_f, "labels": train_y, "logits": train_f},
+               test={"features": test_f, "labels": test_y, "logits": test_f})
+    ldmlr.save(str(tmp_path / "generate" / "pseudo.pt"), features=torch.randn(99, 2, generator=g),
+               labels=torch.ones(99, dtype=torch.long), counts=[0, 99])
+    ldmlr.save(str(tmp_path / "finetune" / "heads.pt"), ldmlr=eye, crt=eye)
+    rows = ldmlr.stage_evaluate(cfg, data, CPU)["rows"]
+    assert rows["CE"]["overall"] == rows["CE+LDMLR"]["overall"] == 0.0
+    assert rows["LA"]["overall"] == rows["LA+LDMLR"]["overall"] == 100.0
+
+
 def test_crt_sampler_draws_classes_uniformly_in_expectation():
     counts = [60, 20, 5, 1]
     labels = torch.repeat_interleave(torch.arange(4), torch.tensor(counts))
@@ -170,11 +201,19 @@ def test_crt_sampler_draws_classes_uniformly_in_expectation():
     assert hits.min() > 0.6 * expected and hits.max() < 1.4 * expected
 
 
-def test_mixup_draw_is_reproducible_and_in_range():
-    lams = [ldmlr.mixup_draw(0.5, 8, torch.Generator().manual_seed(s))[0] for s in range(400)]
-    again = [ldmlr.mixup_draw(0.5, 8, torch.Generator().manual_seed(s))[0] for s in range(400)]
-    assert lams == again and all(0 <= v <= 1 for v in lams)
-    assert abs(sum(lams) / len(lams) - 0.5) < 0.06  # Beta(a, a) has mean 1/2 (sd 0.35 / 20)
+def test_mixup_encoder_is_reproducible_and_mixes(tmp_path):
+    """The mixup draws come from the per-epoch seeded RNG: the same seed gives the same encoder,
+    and mixup changes what it learns."""
+    data = lt_data.load_dataset("digits", imb=20, seed=0)
+
+    def encoder(name, mixup):
+        cfg = ldmlr.parse_config(["--dataset", "digits", "--smoke", "--epochs", "1", "--out",
+                                  str(tmp_path / name), "--mixup", str(mixup)])
+        ldmlr.stage_encoder(cfg, data, CPU)
+        return ldmlr.load_checkpoint(str(tmp_path / name / "encoder" / "ckpt.pt"))["model"]
+    a, b, plain = encoder("a", 0.5), encoder("b", 0.5), encoder("plain", 0.0)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], plain[k]) for k in a)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -190,17 +229,16 @@ def test_denoiser_learns_a_two_class_toy():
     _, abar = ldmlr.cosine_schedule(1000)
     model = ldmlr.Denoiser(2, 2, width=64, blocks=2)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    eval_gen_seed = 123
 
-    def eval_loss():
-        with torch.no_grad():
-            return ldmlr.diffusion_loss(model, x, y, abar,
-                                        torch.Generator().manual_seed(eval_gen_seed)).item()
+    def eval_loss():  # the same t and noise every time, without touching the training stream
+        with torch.no_grad(), torch.random.fork_rng():
+            torch.manual_seed(123)
+            return ldmlr.ddpm_loss(model, x, y, abar).item()
 
     start = eval_loss()
     for _ in range(400):
         idx = torch.randint(0, 2000, (256,), generator=g)
-        loss = ldmlr.diffusion_loss(model, x[idx], y[idx], abar, g)
+        loss = ldmlr.ddpm_loss(model, x[idx], y[idx], abar)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -208,8 +246,8 @@ def test_denoiser_learns_a_two_class_toy():
     assert end < 0.5 * start, (start, end)
     box = (x.min(0).values, x.max(0).values)
     for c in (0, 1):
-        s = ldmlr.ddim_sample(model.eval(), torch.full((200,), c), 2, abar, 50, 0.0,
-                              torch.Generator().manual_seed(c), x0_range=box)
+        torch.manual_seed(c)
+        s = ldmlr.ddim_sample(model.eval(), torch.full((200,), c), 2, abar, 50, 0.0, clip=box)
         own = (s - means[c]).norm(dim=1)
         other = (s - means[1 - c]).norm(dim=1)
         assert (own < other).float().mean() > 0.9
@@ -225,20 +263,19 @@ def test_diffusion_stage_resumes_to_the_same_weights(tmp_path):
 
     def cfg_for(out, steps):
         return ldmlr.parse_config(["--dataset", "digits", "--smoke", "--out", str(out),
-                                   "--diff-steps", str(steps), "--ckpt-every", "10"])
+                                   "--diffusion-steps", str(steps), "--ckpt-every", "10"])
 
     for name in ("straight", "resumed"):
-        os.makedirs(tmp_path / name / "encode")
-        lt_data.atomic_save({"train": {"features": feats, "labels": labels}},
-                            str(tmp_path / name / "encode" / "features.pt"))
+        ldmlr.save(str(tmp_path / name / "encode" / "features.pt"),
+                   train={"features": feats, "labels": labels})
     torch.manual_seed(5)
-    ldmlr.stage_diffusion(cfg_for(tmp_path / "straight", 30), data, torch.device("cpu"))
+    ldmlr.stage_diffusion(cfg_for(tmp_path / "straight", 30), data, CPU)
     torch.manual_seed(5)
-    ldmlr.stage_diffusion(cfg_for(tmp_path / "resumed", 20), data, torch.device("cpu"))
+    ldmlr.stage_diffusion(cfg_for(tmp_path / "resumed", 20), data, CPU)
     torch.manual_seed(99)  # the resumed process starts with other global RNG state
-    ldmlr.stage_diffusion(cfg_for(tmp_path / "resumed", 30), data, torch.device("cpu"))
-    a = lt_data.load_checkpoint(str(tmp_path / "straight" / "diffusion" / "ckpt.pt"))
-    b = lt_data.load_checkpoint(str(tmp_path / "resumed" / "diffusion" / "ckpt.pt"))
+    ldmlr.stage_diffusion(cfg_for(tmp_path / "resumed", 30), data, CPU)
+    a = ldmlr.load_checkpoint(str(tmp_path / "straight" / "diffusion" / "ckpt.pt"))
+    b = ldmlr.load_checkpoint(str(tmp_path / "resumed" / "diffusion" / "ckpt.pt"))
     assert a["step"] == b["step"] == 30
     for key in ("model", "ema"):
         for name, v in a[key].items():
@@ -252,6 +289,10 @@ def test_diffusion_stage_resumes_to_the_same_weights(tmp_path):
 def run_cli(*args):
     return subprocess.run([sys.executable, SCRIPT, "--dataset", "digits", *args],
                           capture_output=True, text=True, timeout=300)
+
+
+def skipped(stage, proc):
+    return f"[ldmlr] {stage}: done, skipped" in proc.stderr
 
 
 def stage_files(out):
@@ -292,10 +333,15 @@ def test_smoke_results_have_every_row_and_key(smoke_run):
     assert gen["frechet_per_class"] == [None] * 10  # no class has > 64 of both
     assert set(res["timing_s"]) == set(ldmlr.STAGES)
     assert res["config"]["smoke"] is True and res["config"]["out"] == out
-    # LA+LDMLR uses the prior of what the head was trained on: real + pseudo counts
-    with open(os.path.join(out, "finetune", "done.json")) as f:
-        prior = json.load(f)["ldmlr_prior_counts"]
-    assert prior == [n + g for n, g in zip(res["train_counts"], gen["counts"])]
+    # LA+LDMLR is the LDMLR head's logits adjusted with the real training counts
+    enc = ldmlr.load_checkpoint(os.path.join(out, "encode", "features.pt"))
+    head = ldmlr.ce_head(enc)
+    ldmlr.load_checkpoint(os.path.join(out, "finetune", "heads.pt"), into={"ldmlr": head})
+    with torch.no_grad():
+        adjusted = lt_data.logit_adjust(head(enc["test"]["features"]), res["train_counts"])
+    expected = lt_data.accuracy_report(adjusted.argmax(1), enc["test"]["labels"],
+                                       res["train_counts"])
+    assert res["rows"]["LA+LDMLR"] == expected
 
 
 @pytest.mark.slow
@@ -305,7 +351,7 @@ def test_smoke_rerun_skips_every_stage_and_redo_recomputes(smoke_run):
     proc = run_cli("--smoke", "--out", out)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for stage in ldmlr.STAGES:
-        assert f"[{stage}] done, skipped" in proc.stdout
+        assert skipped(stage, proc)
     assert stage_files(out) == before  # nothing rewritten
     with open(os.path.join(out, "results.json")) as f:
         assert json.load(f)["rows"] == res["rows"]
@@ -314,9 +360,9 @@ def test_smoke_rerun_skips_every_stage_and_redo_recomputes(smoke_run):
     assert proc.returncode == 0, proc.stderr[-2000:]
     after = stage_files(out)
     for stage in ("encoder", "encode"):
-        assert f"[{stage}] done, skipped" in proc.stdout
+        assert skipped(stage, proc)
     for stage in ("diffusion", "generate", "finetune", "evaluate"):
-        assert f"[{stage}] done, skipped" not in proc.stdout
+        assert not skipped(stage, proc)
     for path, mtime in before.items():
         recomputed = any(os.sep + s + os.sep in path for s in ldmlr.STAGES[2:])
         assert (after[path] != mtime) == recomputed, path
@@ -337,7 +383,7 @@ def test_redo_generate_may_change_the_generation_fields_only(smoke_run, tmp_path
     proc = run_cli("--smoke", "--out", out, "--redo", "generate", *ratio_rule)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for stage in ("encoder", "encode", "diffusion"):
-        assert f"[{stage}] done, skipped" in proc.stdout
+        assert skipped(stage, proc)
     with open(os.path.join(out, "results.json")) as f:
         new = json.load(f)
     assert new["generated"]["counts"] == [55, 39, 28, 20, 14, 10, 7, 5, 5, 5]
@@ -345,7 +391,7 @@ def test_redo_generate_may_change_the_generation_fields_only(smoke_run, tmp_path
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["ratio"] == 0.5  # the directory now describes the new setting
     proc = run_cli("--smoke", "--out", out, *ratio_rule)  # and reruns as it
-    assert proc.returncode == 0 and "[evaluate] done, skipped" in proc.stdout
+    assert proc.returncode == 0 and skipped("evaluate", proc)
 
 
 @pytest.mark.slow
@@ -368,11 +414,11 @@ def test_stage_one_is_the_same_model_as_diffults_baseline(tmp_path):
     cfg_d = diffult.parse_config(args + ["--out", str(tmp_path / "d")])
     data = lt_data.load_dataset("digits", imb=cfg_l.imb, seed=3)
     torch.manual_seed(11)  # whatever the global RNG holds before, each stage seeds its own init
-    ldmlr.stage_encoder(cfg_l, data, torch.device("cpu"))
+    ldmlr.stage_encoder(cfg_l, data, CPU)
     torch.manual_seed(12)
-    diffult.stage_baseline(cfg_d, data, torch.device("cpu"))
-    a = lt_data.load_checkpoint(str(tmp_path / "l" / "encoder" / "model.pt"))["model"]
-    b = lt_data.load_checkpoint(str(tmp_path / "d" / "baseline" / "ckpt.pt"))["model"]
+    diffult.stage_baseline(cfg_d, data, CPU)
+    a = ldmlr.load_checkpoint(str(tmp_path / "l" / "encoder" / "ckpt.pt"))["model"]
+    b = diffult.load_checkpoint(str(tmp_path / "d" / "baseline" / "ckpt.pt"))["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -1,11 +1,14 @@
 """lt_data.py: long-tail profiles, subsets, splits, evaluation and the real loaders on small files
 written here in the real on-disk formats."""
+import functools
 import hashlib
+import http.server
 import math
 import os
 import pickle
 import random
 import tarfile
+import threading
 from fractions import Fraction
 
 import numpy as np
@@ -83,17 +86,29 @@ def test_bad_profile():
 
 
 # -------------------------------------------------------------------------------------------------
-# make_lt_indices
+# lt_subset: LDAM-DRW's draw
+
+
+def ldam_reference(targets, counts, seed):
+    """imbalance_cifar.py's gen_imbalanced_data as written there: np.random.seed once, then class
+    by class in label order np.random.shuffle the class's indices and keep the first n."""
+    np.random.seed(seed)
+    keep = []
+    for c, n in zip(np.unique(targets), counts):
+        idx = np.where(targets == c)[0]
+        np.random.shuffle(idx)
+        keep.extend(idx[:n])
+    return np.array(keep)
 
 
 @settings(max_examples=50, deadline=None)
 @given(per_class=st.integers(5, 60), num_classes=st.integers(2, 12), imb=st.integers(1, 30),
        seed=st.integers(0, 2 ** 31 - 1))
-def test_lt_indices(per_class, num_classes, imb, seed):
+def test_lt_subset(per_class, num_classes, imb, seed):
     targets = np.random.default_rng(0).permutation(np.repeat(np.arange(num_classes), per_class))
     counts = lt_data.lt_counts(per_class, num_classes, imb)
     np_state, torch_state, py_state = np.random.get_state(), torch.get_rng_state(), random.getstate()
-    keep = lt_data.make_lt_indices(targets, counts, seed)
+    keep = lt_data.lt_subset(targets, counts, seed)
     # the global RNGs are untouched
     assert np.array_equal(np.random.get_state()[1], np_state[1])
     assert torch.equal(torch.get_rng_state(), torch_state)
@@ -101,20 +116,21 @@ def test_lt_indices(per_class, num_classes, imb, seed):
     assert len(set(keep.tolist())) == len(keep)  # a subset: no repeats, all valid indices
     assert keep.min() >= 0 and keep.max() < len(targets)
     assert np.bincount(targets[keep], minlength=num_classes).tolist() == counts
-    assert np.array_equal(keep, lt_data.make_lt_indices(targets, counts, seed))
+    assert np.array_equal(keep, lt_data.lt_subset(targets, counts, seed))
+    assert np.array_equal(keep, ldam_reference(targets, counts, seed))
 
 
-def test_lt_indices_seed_changes_subset():
+def test_lt_subset_seed_changes_subset():
     targets = np.repeat(np.arange(10), 100)
     counts = lt_data.lt_counts(100, 10, 10)
-    a = lt_data.make_lt_indices(targets, counts, 0)
-    b = lt_data.make_lt_indices(targets, counts, 1)
+    a = lt_data.lt_subset(targets, counts, 0)
+    b = lt_data.lt_subset(targets, counts, 1)
     assert not np.array_equal(a, b)
 
 
-def test_lt_indices_too_few_samples():
+def test_lt_subset_too_few_samples():
     with pytest.raises(BadInput, match="class 1"):
-        lt_data.make_lt_indices(np.array([0, 0, 1]), [1, 2], 0)
+        lt_data.lt_subset(np.array([0, 0, 1]), [1, 2], 0)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -269,8 +285,17 @@ def _write_cifar(root, name, per_class, rng):
     return folder
 
 
+@pytest.fixture
+def no_md5(monkeypatch):
+    """Small files in the real format cannot have the official md5s: pass torchvision's per-file
+    check where the file exists, as torchvision's own tests do with their fake data."""
+    import torchvision.datasets.cifar
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity",
+                        lambda path, md5=None: os.path.isfile(path))
+
+
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
-def test_cifar_real_format(tmp_path, name):
+def test_cifar_real_format(tmp_path, name, no_md5):
     folder = _write_cifar(str(tmp_path), name, per_class=20, rng=np.random.default_rng(0))
     d = lt_data.load_dataset(name, str(tmp_path), imb=10, seed=3, n_max=20)
     num_classes = 10 if name == "cifar10" else 100
@@ -285,29 +310,27 @@ def test_cifar_real_format(tmp_path, name):
     green = raw["data"][0, 1024:2048].reshape(32, 32)
     assert torch.equal(d.test.images[0, 1], torch.from_numpy(green))
     assert d.test.labels[0] == raw["labels" if name == "cifar10" else "fine_labels"][0]
-    # the kept training images are real rows of the training pickles, with their labels
-    e = lt_data.load_dataset(name, str(tmp_path), imb=10, seed=3, n_max=20)
-    assert torch.equal(d.train.images, e.train.images)
-
-
-def test_cifar_bytes_keys(tmp_path):
-    """Batches whose keys are bytes (b"data", as the files read with encoding="bytes") load too."""
-    folder = _write_cifar(str(tmp_path), "cifar10", per_class=5, rng=np.random.default_rng(1))
-    path = os.path.join(folder, "test_batch")
-    with open(path, "rb") as f:
-        raw = pickle.load(f)
-    with open(path, "wb") as f:
-        pickle.dump({k.encode(): v for k, v in raw.items()}, f, protocol=2)
-    d = lt_data.load_dataset("cifar10", str(tmp_path), imb=1, n_max=5)
-    assert d.test.labels.tolist() == raw["labels"]
+    # the kept training images are the subset LDAM-DRW's procedure draws from the training
+    # pickles (seed 3 here; seed 0 is the standard subset), in its order, with their labels
+    files = [f"data_batch_{i}" for i in range(1, 6)] if name == "cifar10" else ["train"]
+    data, labels = [], []
+    for file in files:
+        with open(os.path.join(folder, file), "rb") as f:
+            batch = pickle.load(f)
+        data.append(batch["data"])
+        labels += batch["labels" if name == "cifar10" else "fine_labels"]
+    keep = ldam_reference(np.array(labels), d.train_counts, 3)
+    expected = np.concatenate(data)[keep].reshape(-1, 3, 32, 32)
+    assert torch.equal(d.train.images, torch.from_numpy(expected))
+    assert d.train.labels.tolist() == np.array(labels)[keep].tolist()
 
 
 def test_cifar_missing_says_how_to_get_it(tmp_path):
-    with pytest.raises(BadInput, match="--download"):
+    with pytest.raises(BadInput, match="--no-download"):
         lt_data.load_dataset("cifar10", str(tmp_path), imb=100)
 
 
-def test_cifar_corrupt_batch_is_bad_input(tmp_path):
+def test_cifar_corrupt_batch_is_bad_input(tmp_path, no_md5):
     folder = _write_cifar(str(tmp_path), "cifar100", per_class=5, rng=np.random.default_rng(2))
     with open(os.path.join(folder, "train"), "wb") as f:
         f.write(b"truncated")
@@ -315,36 +338,51 @@ def test_cifar_corrupt_batch_is_bad_input(tmp_path):
         lt_data.load_dataset("cifar100", str(tmp_path), imb=1, n_max=5)
 
 
-def _cifar_archive(tmp_path, name):
-    """A tiny archive in the official layout, and a CIFAR spec that downloads it from a file URL."""
+@pytest.fixture
+def server(tmp_path):
+    """An HTTP server on the loopback address, serving tmp_path / "www"; yields its base URL."""
+    www = tmp_path / "www"
+    www.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    handler.log_message = lambda *args: None
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as httpd:
+        thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+        thread.start()
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+        httpd.shutdown()
+
+
+def _cifar_archive(tmp_path, name, monkeypatch, server):
+    """A tiny archive in the official layout, served to torchvision over HTTP on loopback."""
     src = tmp_path / "src"
     folder = _write_cifar(str(src), name, per_class=5, rng=np.random.default_rng(3))
-    archive = tmp_path / "archive.tar.gz"
+    archive = tmp_path / "www" / "archive.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(folder, arcname=os.path.basename(folder))
-    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
-    return dict(lt_data.CIFAR[name], url=archive.as_uri(), md5=md5)
+    cls = lt_data.CIFAR[name][0]
+    monkeypatch.setattr(cls, "url", f"{server}/archive.tar.gz")
+    monkeypatch.setattr(cls, "filename", "archive.tar.gz")
+    monkeypatch.setattr(cls, "tgz_md5", hashlib.md5(archive.read_bytes()).hexdigest())
+    return cls
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
-def test_cifar_download_checks_md5_and_unpacks(tmp_path, monkeypatch, name):
-    spec = _cifar_archive(tmp_path, name)
-    monkeypatch.setitem(lt_data.CIFAR, name, spec)
+def test_cifar_download_checks_md5_and_unpacks(tmp_path, monkeypatch, no_md5, server, name):
+    cls = _cifar_archive(tmp_path, name, monkeypatch, server)
     root = tmp_path / "data"
     d = lt_data.load_dataset(name, str(root), imb=1, n_max=5, download=True)
     assert sum(d.train_counts) == len(d.train) == 5 * d.num_classes
-    assert (root / spec["folder"]).is_dir()
+    assert (root / cls.base_folder).is_dir()
     # an archive that is not the official one (wrong md5) is refused and says so
     root2 = tmp_path / "data2"
-    monkeypatch.setitem(lt_data.CIFAR, name, dict(spec, md5="0" * 32))
+    monkeypatch.setattr(cls, "tgz_md5", "0" * 32)
     with pytest.raises(BadInput, match="md5"):
         lt_data.load_dataset(name, str(root2), imb=1, n_max=5, download=True)
-    assert not (root2 / spec["folder"]).exists()
+    assert not (root2 / cls.base_folder).exists()
 
 
-def test_cifar_download_failure_is_bad_input(tmp_path, monkeypatch):
-    spec = dict(lt_data.CIFAR["cifar10"], url=(tmp_path / "nowhere.tar.gz").as_uri())
-    monkeypatch.setitem(lt_data.CIFAR, "cifar10", spec)
+def test_cifar_download_failure_is_bad_input(tmp_path, monkeypatch, server):
+    monkeypatch.setattr(lt_data.CIFAR["cifar10"][0], "url", f"{server}/nowhere.tar.gz")  # a 404
     with pytest.raises(BadInput, match="could not download"):
         lt_data.load_dataset("cifar10", str(tmp_path / "data"), imb=1, download=True)
     assert not os.listdir(tmp_path / "data")  # no half-written archive left behind
@@ -378,6 +416,7 @@ def test_imagenet_lt_lists(tmp_path):
     x, y = d.train[0]
     assert x.shape == (3, 16, 16) and x.dtype == torch.uint8 and int(y) == 0
     assert d.n_max == 3
+    assert d.train_plain[0][0].shape == (3, 16, 16) and d.test[0][0].shape == (3, 16, 16)
 
 
 @pytest.mark.parametrize("bad_line,match", [
@@ -407,78 +446,3 @@ def test_imagenet_lt_unreadable_image(tmp_path):
     d = lt_data.load_dataset("imagenet_lt", str(tmp_path), image_size=16)
     with pytest.raises(BadInput, match="img_0.JPEG"):
         d.train[0]
-
-
-# -------------------------------------------------------------------------------------------------
-# Helpers: atomic files, checkpoints, run directories
-
-
-def test_atomic_save_and_corrupt_checkpoint(tmp_path):
-    path = str(tmp_path / "ckpt.pt")
-    lt_data.atomic_save({"step": 3}, path)
-    assert lt_data.load_checkpoint(path)["step"] == 3
-    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary left behind
-    with open(path, "r+b") as f:
-        f.truncate(10)
-    with pytest.raises(BadInput, match="corrupt"):
-        lt_data.load_checkpoint(path)
-    torch.save([1, 2], path)  # a valid torch file, but not one of ours
-    with pytest.raises(BadInput, match="not one of ours"):
-        lt_data.load_checkpoint(path)
-
-
-def test_load_checkpoint_into_modules_and_a_state_that_does_not_fit(tmp_path):
-    path = str(tmp_path / "stage" / "ckpt.pt")
-    os.makedirs(os.path.dirname(path))
-    net = torch.nn.Linear(4, 3)
-    opt = torch.optim.Adam(net.parameters())
-    lt_data.atomic_save({"model": net.state_dict(), "optimizer": opt.state_dict(), "step": 7}, path)
-    fresh = torch.nn.Linear(4, 3)
-    ckpt = lt_data.load_checkpoint(path, keys=("step",), into={"model": fresh})
-    assert ckpt["step"] == 7 and torch.equal(fresh.weight, net.weight)
-    wider = torch.nn.Linear(4, 5)  # a differently sized model
-    with pytest.raises(BadInput, match=r"'model' does not fit .*size mismatch.*--redo stage$"):
-        lt_data.load_checkpoint(path, into={"model": wider})
-    other = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 3))
-    with pytest.raises(BadInput, match="'optimizer' does not fit"):  # another parameter count
-        lt_data.load_checkpoint(path, into={"optimizer": torch.optim.Adam(other.parameters())})
-    with pytest.raises(BadInput, match="not one of ours.*'ema'"):  # an entry it does not hold
-        lt_data.load_checkpoint(path, into={"ema": fresh})
-
-
-def test_atomic_save_keeps_old_file_on_failure(tmp_path):
-    path = str(tmp_path / "x.pt")
-    lt_data.atomic_save({"v": 1}, path)
-
-    class Unpicklable:
-        def __reduce__(self):
-            raise RuntimeError("boom")
-    with pytest.raises(RuntimeError):
-        lt_data.atomic_save({"v": Unpicklable()}, path)
-    assert lt_data.load_checkpoint(path)["v"] == 1
-    assert os.listdir(tmp_path) == ["x.pt"]
-
-
-def test_check_run_dir(tmp_path):
-    out = str(tmp_path / "run")
-    cfg = {"dataset": "digits", "imb": 20, "seed": 0, "device": "cpu"}
-    lt_data.check_run_dir(out, cfg, ignore=("device",))
-    lt_data.check_run_dir(out, dict(cfg, device="cuda"), ignore=("device",))  # not a result field
-    with pytest.raises(BadInput, match="imb"):
-        lt_data.check_run_dir(out, dict(cfg, imb=50), ignore=("device",))
-    # a field that only the stages about to be redone read may change; the others still may not
-    lt_data.check_run_dir(out, dict(cfg, seed=1), may_change=("seed",))
-    with pytest.raises(BadInput, match="imb"):
-        lt_data.check_run_dir(out, dict(cfg, seed=1, imb=50), may_change=("seed",))
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "file.txt").write_text("x")
-    with pytest.raises(BadInput, match="not empty"):
-        lt_data.check_run_dir(str(other), cfg)
-
-
-def test_pick_device():
-    assert lt_data.pick_device("cpu") == torch.device("cpu")
-    assert lt_data.pick_device("auto").type in ("cpu", "cuda", "mps")
-    with pytest.raises(BadInput):
-        lt_data.pick_device("tpu")
