@@ -21,9 +21,11 @@ DATASETS=digits RATIOS=20 SEEDS="0 1 2" bash run_all.sh (README):
     MEASURED_TABLE
 """
 import argparse
+import contextlib
 import copy
 import dataclasses
 import datetime
+import io
 import json
 import math
 import os
@@ -77,6 +79,8 @@ class Config:
                          ("auto", "fp32", "bf16"))
     channels_last: bool = opt(True, "channels_last memory format for the conv nets on CUDA")
     compile: bool = opt(False, "torch.compile the trained models (pays off on long GPU runs)")
+    estimate: bool = opt(False, "time every stage on random data of the dataset's shape and "
+                         "project the configured run's wall time and memory; writes nothing")
     # ---- stage-1 classifier: the LDAM-DRW recipe for ResNet-32 on CIFAR-LT (Cao et al. 2019)
     arch: str = opt(None, "classifier backbone", ("resnet32", "resnet10", "resnet50"))
     epochs: int = opt(None, "classifier epochs (LDAM-DRW: 200)")
@@ -137,7 +141,7 @@ SMOKE = dict(epochs=2, diffusion_steps=40, ckpt_every=20, denoiser_width=64, den
              sample_steps=5, ft_epochs=5)
 # Fields that do not change what a run computes: a run directory may be reused with other values.
 NOT_RESULTS = ("out", "device", "data_root", "download", "redo", "workers", "channels_last",
-               "compile")
+               "compile", "estimate")
 # Fields no stage before the named one reads: `--redo STAGE` may change them in a finished run.
 REDO_FIELDS = {"diffusion": ("timesteps", "diffusion_steps", "diffusion_batch", "diffusion_lr",
                              "ema_decay", "ckpt_every", "denoiser_width", "denoiser_blocks"),
@@ -704,13 +708,16 @@ def stage_evaluate(cfg, data, device):
     return {"rows": rows, "generated": generated}
 
 
+PIPELINE = {"encoder": stage_encoder, "encode": stage_encode, "diffusion": stage_diffusion,
+            "generate": stage_generate, "finetune": stage_finetune, "evaluate": stage_evaluate}
+ALL_RANKS = ("encoder", "diffusion")  # the others: rank 0 alone
+
+
 def run(cfg):
     """Every stage that is not done yet, then results.json and the table."""
     device = setup(cfg)
     data = load_data(cfg)
-    stages = {"encoder": stage_encoder, "encode": stage_encode, "diffusion": stage_diffusion,
-              "generate": stage_generate, "finetune": stage_finetune, "evaluate": stage_evaluate}
-    return run_stages(cfg, data, device, stages, all_ranks=("encoder", "diffusion"))
+    return run_stages(cfg, data, device)
 
 
 # =================================================================================================
@@ -739,6 +746,25 @@ def validate(cfg):
     if cfg.denoiser_width % 2:
         raise BadInput(f"--denoiser-width must be even (the sin / cos time embedding), got "
                        f"{cfg.denoiser_width}")
+
+
+def probe(cfg, data, counts, stage, n, device):
+    """--estimate's budget n (1 or 2) of `stage` on the miniature `data`: (config changes, work
+    done at that budget, work of the configured run on the real class counts, unit of work)."""
+    M, N, test = len(data.train), sum(counts), lt_data.SHAPES[cfg.dataset][4]
+    small = sum(generation_counts(data.train_counts, cfg.ratio, cfg.generate_for, cfg.fill,
+                                  data.n_max))
+    made = sum(generation_counts(counts, cfg.ratio, cfg.generate_for, cfg.fill, max(counts)))
+    work = {"encoder": ({"epochs": n}, n * M, cfg.epochs * N, "img"),
+            "encode": ({}, 3 * M, N + test, "img"),
+            "diffusion": ({"diffusion_steps": 2 * n}, 2 * n * cfg.diffusion_batch,
+                          cfg.diffusion_steps * cfg.diffusion_batch, "vec"),
+            "generate": ({"sample_steps": 2 * n}, 2 * n * small, cfg.sample_steps * made,
+                         "vec-step"),
+            "finetune": ({"ft_epochs": n}, n * (2 * M + small), cfg.ft_epochs * (2 * N + made),
+                         "vec"),
+            "evaluate": ({}, M, test, "vec")}
+    return work[stage]
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -979,18 +1005,18 @@ def load_data(cfg):
     return data
 
 
-def run_stages(cfg, data, device, stages, all_ranks):
-    """Every stage without a done.json (rank 0 alone runs those not in all_ranks), then
-    results.json from the evaluate stage's record, and its rows as a table."""
+def run_stages(cfg, data, device):
+    """Every stage of PIPELINE without a done.json (rank 0 alone runs those not in ALL_RANKS),
+    then results.json from the evaluate stage's record, and its rows as a table."""
     if rank() == 0:
         check_run_dir(cfg)
     barrier()
-    for name, fn in stages.items():
+    for name, fn in PIPELINE.items():
         if os.path.isfile(os.path.join(cfg.out, name, "done.json")):
             log(f"{name}: done, skipped")
             continue
         t0 = time.time()
-        info = fn(cfg, data, device) if name in all_ranks or rank() == 0 else {}
+        info = fn(cfg, data, device) if name in ALL_RANKS or rank() == 0 else {}
         barrier()
         if rank() == 0:
             save_json({**info, "seconds": time.time() - t0},
@@ -1002,7 +1028,7 @@ def run_stages(cfg, data, device, stages, all_ranks):
     results = {"method": METHOD, "dataset": cfg.dataset, "imb": cfg.imb, "seed": cfg.seed,
                "train_counts": data.train_counts, "rows": evaluated["rows"],
                "generated": evaluated["generated"],
-               "timing_s": {s: read_done(cfg, s)["seconds"] for s in stages},
+               "timing_s": {s: read_done(cfg, s)["seconds"] for s in PIPELINE},
                "config": dataclasses.asdict(cfg)}
     save_json(results, os.path.join(cfg.out, "results.json"))
     print(f"{'row':<14}{'overall':>8}{'many':>8}{'medium':>8}{'few':>8}")
@@ -1013,10 +1039,70 @@ def run_stages(cfg, data, device, stages, all_ranks):
     return results
 
 
+def projection(t1, w1, t2, w2, full):
+    """(work per second, seconds for `full` work) from two timed budgets: their difference cancels
+    the fixed costs (building models, checkpoints); where noise swamps it, the larger run's mean."""
+    rate = (w2 - w1) / (t2 - t1) if t2 > t1 and w2 > w1 else w2 / t2
+    return rate, full / rate
+
+
+def peak_memory(device):
+    """Bytes: CUDA's peak allocation since the last reset, else the process's peak RSS so far."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource  # Unix; ru_maxrss is in KiB on Linux, in bytes on macOS
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin"
+                                                                 else 1024)
+
+
+def estimate(cfg):
+    """--estimate: every stage's own code run on a miniature of the configured run (random images
+    of the dataset's shape, every class present, a temporary directory) at budgets n = 1, 2, 4, ...
+    until the extra work takes 2 s, and projected to the configured budget with the real class
+    counts. Writes nothing into --out."""
+    device = setup(cfg)
+    classes = lt_data.SHAPES[cfg.dataset][1]
+    data, counts = lt_data.random_data(cfg.dataset, cfg.imb, -(-2 * cfg.batch_size // classes))
+    print(f"{METHOD} --estimate: {cfg.dataset} r={cfg.imb:g}, {sum(counts):,} training images, "
+          f"on {device} ({torch.get_num_threads()} threads); timed on {len(data.train)} random "
+          f"images, reading and decoding files not included")
+    print(f"{'stage':<12}{'throughput':>26}{'projected':>16}{'peak memory':>14}")
+    total = 0.0
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, fn in PIPELINE.items():
+            timed, n = [], 1
+            while len(timed) < 2 or timed[-1][0] - timed[0][0] < 2 and timed[-1][1] > timed[0][1] \
+                    and n <= 64:
+                changes, work, full, unit = probe(cfg, data, counts, name, n, device)
+                small = dataclasses.replace(cfg, out=tmp, **changes)
+                shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                with contextlib.redirect_stderr(io.StringIO()):  # the stages' progress bars
+                    info = fn(small, data, device)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                timed.append((time.perf_counter() - t0, work))
+                save_json({**info, "seconds": 0.0}, os.path.join(tmp, name, "done.json"))
+                n *= 2
+            rate, seconds = projection(*timed[0], *timed[-1], full)
+            total += seconds
+            print(f"{name:<12}{rate:>14,.1f} {unit + '/s':<11}"
+                  f"{str(datetime.timedelta(seconds=round(seconds))):>16}"
+                  f"{peak_memory(device) / 2 ** 30:>10.2f} GiB")
+    print(f"{'total':<12}{'':>26}{str(datetime.timedelta(seconds=round(total))):>16}")
+
+
 def main(argv=None):
     """Exit codes: 0 done, 2 bad input (one line), 1 a diverged run (one line) or a bug."""
     try:
-        run(parse_config(argv))
+        cfg = parse_config(argv)
+        if cfg.estimate:
+            estimate(cfg)
+        else:
+            run(cfg)
     except (BadInput, FloatingPointError) as e:
         if rank() == 0:
             print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)

@@ -285,6 +285,28 @@ def _load_digits(imb, seed, profile, n_max):
                   DIGITS["std"], n_max)
 
 
+# Each dataset's shape: head count, classes, channels, image side, test images.
+SHAPES = {"cifar10": (5000, 10, 3, 32, 10000), "cifar100": (500, 100, 3, 32, 10000),
+          "digits": (110, 10, 1, 8, 400), "imagenet_lt": (1280, 1000, 3, 224, 50000)}
+
+
+def random_data(name, imb, per_class):
+    """Random images in the shape of a dataset, to time its pipeline without it: per_class
+    training (and test) images of every class, and the real profile's n_max. Returns (LTData, the
+    real training counts); ImageNet-LT's are the exp profile scaled to its 115,846 images (ours)."""
+    n_max, classes, channels, size, _ = SHAPES[name]
+    counts = lt_counts(n_max, classes, 256 if name == "imagenet_lt" else imb)
+    if name == "imagenet_lt":
+        counts = [max(1, round(c * 115846 / sum(counts))) for c in counts]
+    labels = torch.arange(classes).repeat(per_class)
+    images = torch.randint(0, 256, (len(labels), channels, size, size), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    part = TensorImages(images, labels)
+    data = LTData(name, part, part, part, part, [per_class] * classes, classes, channels, size,
+                  (0.5,) * channels, (0.25,) * channels, n_max)
+    return data, counts
+
+
 # -------------------------------------------------------------------------------------------------
 # Evaluation
 

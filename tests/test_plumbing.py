@@ -2,14 +2,19 @@
 learning-rate schedule, and the plumbing (atomic files, checkpoints, run directories, flags)."""
 import inspect
 import os
+import re
+import subprocess
 import sys
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 import diffult  # noqa: E402
 import ldmlr  # noqa: E402
+import lt_data  # noqa: E402
 from lt_data import BadInput  # noqa: E402
 
 MODULES = [diffult, ldmlr]
@@ -19,7 +24,8 @@ SHARED = ["BasicBlock", "ResNet32", "TorchvisionResNet", "make_classifier", "tim
           "parse_config", "ArgParser", "flag", "log", "seed_of", "rng", "in_memory", "rank",
           "world", "barrier", "setup", "use_bf16", "autocast", "place", "for_training",
           "atomic_write", "save", "save_json", "load_checkpoint", "resume", "check_finite",
-          "read_done", "check_run_dir", "load_data", "run_stages", "main"]
+          "read_done", "check_run_dir", "load_data", "run_stages", "projection", "peak_memory",
+          "estimate", "main"]
 
 
 @pytest.mark.parametrize("name", SHARED)
@@ -131,3 +137,45 @@ def test_bool_flags_take_the_no_form_and_help_names_every_field(mod, capsys):
 def test_asking_for_an_absent_device_is_bad_input(mod):
     with pytest.raises(BadInput, match="--device cuda"):
         mod.setup(mod.parse_config(["--device", "cuda"]))
+
+
+# ---- --estimate ---------------------------------------------------------------------------------
+
+@settings(max_examples=100, deadline=None)
+@given(t1=st.floats(0.01, 100), dt=st.floats(0.01, 100), w1=st.integers(1, 10 ** 6),
+       dw=st.integers(1, 10 ** 6), full=st.integers(0, 10 ** 12))
+def test_projection_takes_the_rate_from_the_difference_of_two_budgets(t1, dt, w1, dw, full):
+    for mod in MODULES:
+        rate, seconds = mod.projection(t1, w1, t1 + dt, w1 + dw, full)
+        assert rate == pytest.approx(dw / dt)
+        assert seconds == pytest.approx(full * dt / dw)
+        # noise that makes the larger budget no slower: the larger run's mean rate instead
+        rate, seconds = mod.projection(t1 + dt, w1, t1, w1 + dw, full)
+        assert rate == pytest.approx((w1 + dw) / t1)
+
+
+@pytest.mark.parametrize("mod", MODULES)
+def test_probe_budgets_grow_with_n_and_project_the_configured_work(mod):
+    cfg = mod.parse_config(["--dataset", "cifar100"])
+    data, counts = lt_data.random_data("cifar100", 100, 3)
+    assert sum(counts) == 10847 and len(data.train) == 300
+    for stage in mod.STAGES:
+        one, two = (mod.probe(cfg, data, counts, stage, n, torch.device("cpu")) for n in (1, 2))
+        assert one[1] <= two[1] and one[2] == two[2] > 0 and one[3] == two[3]
+    changes, _, full, _ = mod.probe(cfg, data, counts, mod.STAGES[0], 2, torch.device("cpu"))
+    assert changes["epochs"] == 2 and full == 200 * 10847  # 200 epochs of CIFAR-100-LT r=100
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["diffult", "ldmlr"])
+def test_estimate_prints_every_stage_and_writes_nothing(script, tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, f"{script}.py"), "--estimate",
+                        "--out", str(tmp_path / "run")], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[2:]}
+    assert set(rows) == set(getattr(sys.modules[script], "STAGES")) | {"total"}, r.stdout
+    for stage in sys.modules[script].STAGES:
+        assert float(rows[stage][1].replace(",", "")) > 0  # throughput
+        assert re.fullmatch(r"\d+:\d\d:\d\d", rows[stage][3]) and rows[stage][-1] == "GiB"
+    assert os.listdir(tmp_path) == []  # no run directory, no runs/
