@@ -15,13 +15,13 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torchvision
 import torchvision.transforms as T
+from torchvision.datasets import CIFAR10, CIFAR100
 from torch.utils.data import Dataset
 
 
 class BadInput(Exception):
-    """A problem with the user's input or data. The scripts print its one-line message and exit 2."""
+    """A problem with the user's input or data: the scripts print its one line and exit 2."""
 
 
 # -------------------------------------------------------------------------------------------------
@@ -41,10 +41,8 @@ def lt_counts(n_max, num_classes, imb, profile="exp"):
     # n_max / imb**e and a relative 1e-12 before the floor: the published counts, and a count that
     # is an integer in exact arithmetic is not lost to rounding (8 / 1.6 could come out below 5).
     if profile == "exp":
-        if num_classes == 1:
-            return [int(n_max)]
-        return [max(1, int(math.floor(n_max / imb ** (i / (num_classes - 1.0)) * (1 + 1e-12))))
-                for i in range(num_classes)]
+        e = [i / max(1, num_classes - 1) for i in range(num_classes)]
+        return [max(1, int(math.floor(n_max / imb ** x * (1 + 1e-12)))) for x in e]
     if profile == "step":
         head = num_classes // 2
         tail = max(1, int(math.floor(n_max / imb * (1 + 1e-12))))
@@ -148,11 +146,8 @@ class LTData:
 
 
 CIFAR = {  # torchvision class, head count, per-channel mean and std
-    "cifar10": (torchvision.datasets.CIFAR10, 5000,
-                (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": (torchvision.datasets.CIFAR100, 500,
-                 (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-}
+    "cifar10": (CIFAR10, 5000, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": (CIFAR100, 500, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 # digits: 8x8 grey, 1797 images. Fixed (seed-independent) balanced test and validation splits are
 # held out first; the long-tailed training set is drawn from what is left (>= 114 per class).
@@ -206,10 +201,9 @@ def _read_cifar(cls, root, train, download):
 
 def _load_cifar(name, root, imb, seed, download, profile, n_max=None):
     cls, default_n_max, mean, std = CIFAR[name]
-    num_classes = 10 if name == "cifar10" else 100
+    num_classes, n_max = (10 if name == "cifar10" else 100), n_max or default_n_max
     train_x, train_y = _read_cifar(cls, root, True, download)
     test_x, test_y = _read_cifar(cls, root, False, False)
-    n_max = n_max or default_n_max
     counts = lt_counts(n_max, num_classes, imb, profile)
     keep = torch.from_numpy(lt_subset(train_y.numpy(), counts, seed))
     train = TensorImages(train_x[keep], train_y[keep])
@@ -264,23 +258,16 @@ def _load_digits(imb, seed, profile, n_max):
     # Test and validation splits are drawn with a fixed generator, independent of --seed, so
     # every seed is evaluated on the same images.
     rng = np.random.default_rng(12345)
-    test_idx, val_idx, pool_idx = [], [], []
-    for c in range(10):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        t, v = DIGITS["test_per_class"], DIGITS["val_per_class"]
-        test_idx.append(idx[:t])
-        val_idx.append(idx[t:t + v])
-        pool_idx.append(idx[t + v:])
-    pool = np.sort(np.concatenate(pool_idx))
+    perms = [rng.permutation(np.flatnonzero(y == c)) for c in range(10)]
+
+    def rows(a, b):  # rows a:b of every class's permutation
+        return torch.from_numpy(np.sort(np.concatenate([p[a:b] for p in perms])))
+    t, v = DIGITS["test_per_class"], DIGITS["val_per_class"]
+    test, val, pool = rows(0, t), rows(t, t + v), rows(t + v, None)
     counts = lt_counts(n_max, 10, imb, profile)
     keep = pool[lt_subset(y[pool], counts, seed)]
-
-    def part(idx):
-        idx = torch.from_numpy(idx)
-        return TensorImages(x[idx], torch.from_numpy(y)[idx])
-
-    train = part(keep)
-    val, test = (part(np.sort(np.concatenate(i))) for i in (val_idx, test_idx))
+    y = torch.from_numpy(y)
+    train, val, test = (TensorImages(x[i], y[i]) for i in (keep, val, test))
     return LTData("digits", train, train, val, test, counts, 10, 1, 8, DIGITS["mean"],
                   DIGITS["std"], n_max)
 
