@@ -54,7 +54,7 @@ STAGES = ["baseline", "diffusion", "generate", "filter", "classifier", "evaluate
 
 
 # -------------------------------------------------------------------------------------------------
-# Config: one field per flag (--unet-ch for unet_ch). None = the per-dataset value in DEFAULTS.
+# Config: one field per flag (--unet-ch for unet_ch); DEFAULTS holds the per-dataset values.
 
 
 def opt(default, help, choices=None):
@@ -231,8 +231,12 @@ def make_classifier(arch, num_classes, in_channels):
         return ResNet32(num_classes, in_channels)
     resnet = torchvision.models.resnet
     if arch == "resnet10":
-        return TorchvisionResNet(resnet.BasicBlock, [1, 1, 1, 1], num_classes=num_classes)
-    return TorchvisionResNet(resnet.Bottleneck, [3, 4, 6, 3], num_classes=num_classes)
+        net = TorchvisionResNet(resnet.BasicBlock, [1, 1, 1, 1], num_classes=num_classes)
+    else:
+        net = TorchvisionResNet(resnet.Bottleneck, [3, 4, 6, 3], num_classes=num_classes)
+    if in_channels != 3:  # e.g. --arch resnet10 on the one-channel digits
+        net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+    return net
 
 
 # -------------------------------------------------------------------------------------------------
@@ -363,7 +367,8 @@ def linear_schedule(T=1000, beta_1=1e-4, beta_T=0.02):
     betas = torch.linspace(beta_1, beta_T, T, dtype=torch.float64)
     abar = torch.cumprod(1.0 - betas, dim=0)
     if not (((betas > 0) & (betas < 1)).all() and (abar[1:] < abar[:-1]).all() and abar[-1] > 0):
-        raise BadInput(f"bad schedule: need 0 < beta_1 < beta_T < 1, got {beta_1}, {beta_T}")
+        raise BadInput(f"--timesteps {T}: the linear schedule's abar must stay positive and "
+                       f"strictly decreasing in float64 (it underflows for T above ~75,000)")
     return betas, abar
 
 
@@ -415,8 +420,9 @@ def ddim_step(x_t, eps, a_t, a_prev, eta=0.0, noise=None, clip=None):
 def guided_eps(model, x_t, t, y, w, null_label):
     """Classifier-free guidance (Ho & Salimans 2022) in CBDM's convention, from one batched pass:
     eps = (1 + w) eps(x_t, y) - w eps(x_t, null); w = 0 is the plain conditional model. Both
-    predictions are cast to fp32 before they are combined: in bf16 the combination would amplify
-    their rounding about (1 + 2 w) = 4x."""
+    predictions are cast to fp32 before they are combined, so the combination adds no bf16 rounding
+    of its own; under --precision bf16 the predictions still carry the network's bf16 rounding,
+    which the combination amplifies about (1 + 2 w) = 4x (--precision fp32 avoids it)."""
     tt = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
     if w == 0:
         return model(x_t, tt, y).float()
@@ -429,7 +435,8 @@ def guided_eps(model, x_t, t, y, w, null_label):
 def sample(model, labels, cfg, shape, betas, abar, null_label, bf16=False):
     """One image per label, in [-1, 1], from the global RNG (seeded per shard by the caller).
     ddpm: all T ancestral steps (DDPM Algorithm 2); ddim: cfg.sample_steps evenly spaced steps
-    from T - 1 down to 0 (DDIM Sec. 4.2), clipping x0_hat to the image range."""
+    from T - 1 down to 0 (DDIM Sec. 4.2 spaces them from 0; starting at T - 1 is ours), clipping
+    x0_hat to the image range."""
     x = torch.randn(len(labels), *shape, device=labels.device)  # x_T ~ N(0, I)
 
     def eps(x, t):
@@ -459,10 +466,11 @@ def cbdm_loss(eps_y, eps_yp, t, T, tau=1.0, gamma=0.25):
                           + gamma * ||sg(eps(x_t, y)) - eps(x_t, y')||^2 )
     with sg = stop-gradient and ||.||^2 the mean over pixels (CBDM's F.mse_loss). The first term
     pulls the conditional prediction towards that for a class-balanced label y'; the commitment
-    term moves the y' prediction back with gamma of the force. In fp32: at high t, where the
-    weight t / T is largest, the two predictions nearly agree and a bf16 difference would be
-    mostly rounding. t are 0-based indices: t / T uses the paper's step t + 1 (CBDM's code uses
-    t; the difference is <= 1 / T)."""
+    term moves the y' prediction back with gamma of the force. The differences are taken in fp32,
+    adding no rounding of their own; at high t, where the weight t / T is largest, the two
+    predictions nearly agree, and under --precision bf16 their difference is still partly the
+    network's bf16 rounding. t are 0-based indices: t / T uses the paper's step t + 1 (CBDM's code
+    uses t; the difference is <= 1 / T)."""
     eps_y, eps_yp = eps_y.float(), eps_yp.float()
     reg = (eps_y - eps_yp.detach()).square().flatten(1).mean(1)
     com = (eps_y.detach() - eps_yp).square().flatten(1).mean(1)
@@ -495,8 +503,8 @@ def weighted_ce(logits, y, w=None):
 
 
 def training_prior(real_counts, kept_counts, omega):
-    """The class prior of DiffuLT's training data for DiffuLT+LA: every synthetic image counts at
-    its CE weight, n_c = real_c + omega * kept_c."""
+    """The class prior of DiffuLT's training data for DiffuLT+LA (the row is ours): every synthetic
+    image counts at its CE weight, n_c = real_c + omega * kept_c."""
     return [n + omega * k for n, k in zip(real_counts, kept_counts)]
 
 
@@ -901,8 +909,9 @@ def stage_classifier(cfg, data, device):
     weighted CE: loss = mean_i w_i CE_i, w_i = 1 for real and omega for synthetic images."""
     kept = load_checkpoint(os.path.join(cfg.out, "filter", "kept.pt"), ("images", "labels"))
     real, fake = data.train, lt_data.TensorImages(kept["images"], kept["labels"])
-    if in_memory(real) and cfg.gen_size == data.image_size:
-        dataset = lt_data.TensorImages(torch.cat([real.images, fake.images]),
+    if in_memory(real):  # CIFAR, digits: samples of another --gen-size are resized once
+        images = to_uint8(resize(to_unit(fake.images), data.image_size))
+        dataset = lt_data.TensorImages(torch.cat([real.images, images]),
                                        torch.cat([real.labels, fake.labels]))
     else:  # ImageNet-LT: the 64x64 samples get the real images' training transform
         fake.transform = lt_data.train_transform(data.image_size)
@@ -974,6 +983,9 @@ def validate(cfg):
         raise BadInput(f"--sample-steps must be <= --timesteps ({cfg.timesteps})")
     if cfg.guidance > 0 and cfg.label_dropout == 0:
         raise BadInput("--guidance > 0 needs --label-dropout > 0 (the null label must be trained)")
+    if cfg.unet_ch % 2:
+        raise BadInput(f"--unet-ch must be even (the sin / cos time embedding), got {cfg.unet_ch}")
+    linear_schedule(cfg.timesteps)  # a T so large that abar underflows is refused here
     try:
         mult = [int(m) for m in cfg.unet_mult.split(",")]
         [int(r) for r in cfg.unet_attn.split(",") if r]
@@ -986,8 +998,8 @@ def validate(cfg):
 
 
 def probe(cfg, data, counts, stage, n, device):
-    """--estimate's budget n (1 or 2) of `stage` on the miniature `data`: (config changes, work
-    done at that budget, work of the configured run on the real class counts, unit of work). On
+    """--estimate's budget n (1, 2, 4, ...) of `stage` on the miniature `data`: (config changes,
+    work done at that budget, work of the configured run on the real class counts, unit). On
     a CPU, the generators of 32x32 and larger images train on batches of 16 and sample shards of
     64 here (per-image rates, a slight overestimate; ours), to keep the estimate short."""
     M, C, N = len(data.train), data.num_classes, sum(counts)
@@ -997,7 +1009,9 @@ def probe(cfg, data, counts, stage, n, device):
     small = C * -(-g // C)  # images the miniature generates: every class topped up by g / C
     made = sum(max(0, (cfg.target_count or max(counts)) - c) for c in counts)
     steps = cfg.timesteps if cfg.sampler == "ddpm" else cfg.sample_steps
-    common = {"diffusion_batch": b, "gen_batch": g, "sampler": "ddim",
+    # The miniature keeps every sample (no filter), so the classifier's work is M + small images
+    # a epoch; the configured run's counts every generated image too (an upper bound).
+    common = {"diffusion_batch": b, "gen_batch": g, "sampler": "ddim", "filter": False,
               "target_count": max(data.train_counts) + small // C}
     work = {"baseline": ({"epochs": n}, n * M, cfg.epochs * N, "img"),
             "diffusion": ({"diffusion_steps": n}, n * b, cfg.diffusion_steps * cfg.diffusion_batch,
@@ -1064,7 +1078,8 @@ def in_memory(dataset):
 
 
 # ---- several processes: `torchrun --nproc_per_node N` starts N ranks, one per GPU. Each trains on
-# its share of the data with its own noise; DDP averages the gradients; rank 0 writes the files.
+# its share of the data with its own noise; DDP averages the gradients; rank 0 writes the shared
+# files.
 
 
 def rank():
@@ -1303,6 +1318,8 @@ def estimate(cfg):
     of the dataset's shape, every class present, a temporary directory) at budgets n = 1, 2, 4, ...
     until the extra work takes 2 s, and projected to the configured budget with the real class
     counts. Writes nothing into --out."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise BadInput("--estimate runs in one process: start it with python, not torchrun")
     device = setup(cfg)
     classes = lt_data.SHAPES[cfg.dataset][1]
     data, counts = lt_data.random_data(cfg.dataset, cfg.imb, -(-2 * cfg.batch_size // classes))
@@ -1347,8 +1364,11 @@ def main(argv=None):
         else:
             run(cfg)
     except (BadInput, FloatingPointError) as e:
+        # A BadInput raised in a DataLoader worker arrives with the worker's traceback in its
+        # message: its last line is the one to show.
+        message = str(e).strip().splitlines()[-1].split("BadInput: ")[-1]
         if rank() == 0:
-            print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+            print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
         return 2 if isinstance(e, BadInput) else 1
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)

@@ -54,7 +54,7 @@ STAGES = ["encoder", "encode", "diffusion", "generate", "finetune", "evaluate"]
 
 
 # -------------------------------------------------------------------------------------------------
-# Config: one field per flag (--ft-lr for ft_lr). None = the per-dataset value in DEFAULTS.
+# Config: one field per flag (--ft-lr for ft_lr); DEFAULTS holds the per-dataset values.
 
 
 def opt(default, help, choices=None):
@@ -214,8 +214,12 @@ def make_classifier(arch, num_classes, in_channels):
         return ResNet32(num_classes, in_channels)
     resnet = torchvision.models.resnet
     if arch == "resnet10":
-        return TorchvisionResNet(resnet.BasicBlock, [1, 1, 1, 1], num_classes=num_classes)
-    return TorchvisionResNet(resnet.Bottleneck, [3, 4, 6, 3], num_classes=num_classes)
+        net = TorchvisionResNet(resnet.BasicBlock, [1, 1, 1, 1], num_classes=num_classes)
+    else:
+        net = TorchvisionResNet(resnet.Bottleneck, [3, 4, 6, 3], num_classes=num_classes)
+    if in_channels != 3:  # e.g. --arch resnet10 on the one-channel digits
+        net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+    return net
 
 
 # -------------------------------------------------------------------------------------------------
@@ -751,8 +755,8 @@ def validate(cfg):
 
 
 def probe(cfg, data, counts, stage, n, device):
-    """--estimate's budget n (1 or 2) of `stage` on the miniature `data`: (config changes, work
-    done at that budget, work of the configured run on the real class counts, unit of work)."""
+    """--estimate's budget n (1, 2, 4, ...) of `stage` on the miniature `data`: (config changes,
+    work done at that budget, work of the configured run on the real class counts, unit)."""
     M, N, test = len(data.train), sum(counts), lt_data.SHAPES[cfg.dataset][4]
     small = sum(generation_counts(data.train_counts, cfg.ratio, cfg.generate_for, cfg.fill,
                                   data.n_max))
@@ -823,7 +827,8 @@ def in_memory(dataset):
 
 
 # ---- several processes: `torchrun --nproc_per_node N` starts N ranks, one per GPU. Each trains on
-# its share of the data with its own noise; DDP averages the gradients; rank 0 writes the files.
+# its share of the data with its own noise; DDP averages the gradients; rank 0 writes the shared
+# files.
 
 
 def rank():
@@ -1062,6 +1067,8 @@ def estimate(cfg):
     of the dataset's shape, every class present, a temporary directory) at budgets n = 1, 2, 4, ...
     until the extra work takes 2 s, and projected to the configured budget with the real class
     counts. Writes nothing into --out."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise BadInput("--estimate runs in one process: start it with python, not torchrun")
     device = setup(cfg)
     classes = lt_data.SHAPES[cfg.dataset][1]
     data, counts = lt_data.random_data(cfg.dataset, cfg.imb, -(-2 * cfg.batch_size // classes))
@@ -1106,8 +1113,11 @@ def main(argv=None):
         else:
             run(cfg)
     except (BadInput, FloatingPointError) as e:
+        # A BadInput raised in a DataLoader worker arrives with the worker's traceback in its
+        # message: its last line is the one to show.
+        message = str(e).strip().splitlines()[-1].split("BadInput: ")[-1]
         if rank() == 0:
-            print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+            print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
         return 2 if isinstance(e, BadInput) else 1
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)

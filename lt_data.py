@@ -10,6 +10,7 @@ scripts augment on the device; ImageNet-LT is read lazily through torchvision's 
 import math
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -175,18 +176,19 @@ def load_dataset(name, root="./data", imb=100, seed=0, download=False, profile="
 
 
 def _read_cifar(cls, root, train, download):
-    """torchvision's CIFAR as uint8 (N, 3, 32, 32) images and int64 labels. torchvision downloads
-    the official archive and checks the md5 of it and of every file; here every failure becomes
-    one line, and a download that cannot connect gives up after a minute instead of hanging."""
+    """torchvision's CIFAR as uint8 (N, 3, 32, 32) images and int64 labels; torchvision downloads
+    it and checks every md5. Every failure is one line; a 60 s socket timeout stops hanging."""
     folder = os.path.join(root, cls.base_folder)
     timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(60)
+    if download and not os.path.isdir(folder):
+        print(f"downloading {cls.__name__} into {root} (torchvision, md5-checked)", file=sys.stderr)
     try:
         ds = cls(root, train=train, download=download)
-    except RuntimeError as e:  # torchvision's "Dataset not found or corrupted"
+    except RuntimeError:  # torchvision's "Dataset not found or corrupted", or a bad archive
         how = "let the script download it (drop --no-download)" if not download else \
             "delete it and run again to download it afresh"
-        raise BadInput(f"{folder} is missing or fails its md5 check ({e}); {how}, or unpack the "
+        raise BadInput(f"{folder} is missing or fails its md5 check; {how}, or unpack the "
                        f"official python-version archive into {root}") from None
     except OSError as e:  # no network, refused, timed out, disk full
         raise BadInput(f"could not download {cls.url} into {root}: {e}") from None
@@ -272,9 +274,9 @@ def _load_digits(imb, seed, profile, n_max):
                   DIGITS["std"], n_max)
 
 
-# Each dataset's shape: head count, classes, channels, image side, test images.
-SHAPES = {"cifar10": (5000, 10, 3, 32, 10000), "cifar100": (500, 100, 3, 32, 10000),
-          "digits": (110, 10, 1, 8, 400), "imagenet_lt": (1280, 1000, 3, 224, 50000)}
+SHAPES = {  # each dataset's head count, classes, channels, image side, test images
+    "cifar10": (5000, 10, 3, 32, 10000), "cifar100": (500, 100, 3, 32, 10000),
+    "digits": (110, 10, 1, 8, 400), "imagenet_lt": (1280, 1000, 3, 224, 50000)}
 
 
 def random_data(name, imb, per_class):
@@ -289,9 +291,8 @@ def random_data(name, imb, per_class):
     images = torch.randint(0, 256, (len(labels), channels, size, size), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
     part = TensorImages(images, labels)
-    data = LTData(name, part, part, part, part, [per_class] * classes, classes, channels, size,
-                  (0.5,) * channels, (0.25,) * channels, n_max)
-    return data, counts
+    return LTData(name, part, part, part, part, [per_class] * classes, classes, channels, size,
+                  (0.5,) * channels, (0.25,) * channels, n_max), counts
 
 
 # -------------------------------------------------------------------------------------------------

@@ -347,7 +347,8 @@ def test_smoke_end_to_end_rerun_and_resume(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args", [["--imb", "0.5"], ["--sampler", "euler"],
+@pytest.mark.parametrize("args", [["--imb", "0.5"], ["--sampler", "euler"], ["--unet-ch", "15"],
+                                  ["--timesteps", "100000"],
                                   ["--unet-mult", "1,x"], ["--eval-split", "val", "--dataset",
                                                            "cifar10", "--data-root", "/nonexist",
                                                            "--no-download"]])
@@ -365,3 +366,25 @@ def test_run_directory_with_another_config_is_refused(tmp_path):
     diffult.save_json({"dataset": "digits", "cbdm_tau": 0.5}, os.path.join(out, "config.json"))
     r = run_cli("--dataset", "digits", "--smoke", "--out", out)
     assert r.returncode == 2 and "another config" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_a_generator_of_another_size_than_the_images_runs_end_to_end(tmp_path):
+    """--gen-size 16 on the 8x8 digits: L_AID, the filter and the classifier see the samples
+    resized to the classifier's input."""
+    out = str(tmp_path / "run")
+    r = run_cli("--dataset", "digits", "--smoke", "--gen-size", "16", "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    shard = torch.load(os.path.join(out, "generate", "shard_00000.pt"))
+    assert shard["images"].shape[1:] == (1, 16, 16)
+    with open(os.path.join(out, "classifier", "done.json")) as f:
+        assert json.load(f)["synthetic"] > 0
+
+
+@pytest.mark.parametrize("arch, dim", [("resnet10", 512), ("resnet50", 2048)])
+def test_imagenet_backbones_take_any_channel_count(arch, dim):
+    for channels in (1, 3):
+        model = diffult.make_classifier(arch, 10, channels).eval()
+        x = torch.randn(2, channels, 32, 32)
+        with torch.no_grad():
+            assert model(x).shape == (2, 10) and model.features(x).shape == (2, dim)

@@ -459,6 +459,26 @@ def test_malformed_imagenet_lt_list_exits_2_through_the_cli(script, bad_line, sa
     assert "ImageNet_LT_train.txt" in line and says in line, line
 
 
+@pytest.mark.slow
+def test_unreadable_image_read_by_a_dataloader_worker_exits_2_with_one_line(tmp_path):
+    """A BadInput raised inside a DataLoader worker reaches main() wrapped in the worker's
+    traceback; the user still sees one line."""
+    from PIL import Image
+    root = tmp_path / "imagenet"
+    (root / "train" / "n0").mkdir(parents=True)
+    Image.new("RGB", (12, 10), (200, 30, 30)).save(root / "train" / "n0" / "a.JPEG", "JPEG")
+    (root / "train" / "n0" / "b.JPEG").write_bytes(b"not a jpeg")
+    (root / "ImageNet_LT_train.txt").write_text("train/n0/a.JPEG 0\ntrain/n0/b.JPEG 1\n")
+    (root / "ImageNet_LT_test.txt").write_text("train/n0/a.JPEG 0\n")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "ldmlr.py"), "--dataset",
+                        "imagenet_lt", "--smoke", "--workers", "1", "--batch-size", "2",
+                        "--data-root", str(root), "--out", str(tmp_path / "run")], cwd=ROOT,
+                       env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2, r.stderr[-3000:]
+    line = error_line(r.stderr)
+    assert line.startswith("ldmlr.py: error: cannot read image") and "b.JPEG" in line, line
+
+
 def as_if_killed_in(out, script, stage):
     """Make a finished run directory look like one killed inside `stage` after a checkpoint: the
     stage's done.json and every later stage gone, its checkpoint kept."""
