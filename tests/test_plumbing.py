@@ -179,3 +179,10 @@ def test_estimate_prints_every_stage_and_writes_nothing(script, tmp_path):
         assert float(rows[stage][1].replace(",", "")) > 0  # throughput
         assert re.fullmatch(r"\d+:\d\d:\d\d", rows[stage][3]) and rows[stage][-1] == "GiB"
     assert os.listdir(tmp_path) == []  # no run directory, no runs/
+
+
+@pytest.mark.parametrize("mod", MODULES)
+def test_estimate_under_torchrun_is_refused_with_one_line(mod, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets for each of its processes
+    with pytest.raises(BadInput, match="not torchrun"):
+        mod.estimate(mod.parse_config(["--estimate"]))
