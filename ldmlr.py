@@ -18,9 +18,9 @@ learns the penultimate features of a CE classifier; DDIM (Song et al. 2021) samp
 
 Measured on digits, r = 20, test top-1 %, mean of seeds 0, 1, 2 (overall / Few), with
 DATASETS=digits RATIOS=20 SEEDS="0 1 2" bash run_all.sh (README):
-    CE 89.92 / 78.54   LA 92.00 / 84.17   cRT 92.58 / 84.58
-    CE+LDMLR 94.25 / 89.79   LA+LDMLR 94.42 / 91.88
-One run takes 56 s on two idle CPU cores (median of 3, /usr/bin/time, torch 2.14.1).
+    CE 92.42 / 85.00   LA 93.00 / 88.12   cRT 93.00 / 85.62
+    CE+LDMLR 93.58 / 87.71   LA+LDMLR 94.42 / 90.42
+One run takes 51 s on two idle CPU cores (median of 3, /usr/bin/time, torch 2.14.1).
 """
 import argparse
 import contextlib
