@@ -20,7 +20,7 @@ Class-Balancing Diffusion Model of Y. Qin et al., CVPR 2023 (CBDM), on the DDPM 
 Measured on digits, r = 20, test top-1 %, mean of seeds 0, 1, 2 (overall / Few), with
 DATASETS=digits RATIOS=20 SEEDS="0 1 2" bash run_all.sh (README):
     CE 92.42 / 85.00   LA 93.00 / 88.12   DiffuLT 95.92 / 91.88   DiffuLT+LA 95.92 / 91.88
-Generated: 53.6 % ID, 36.8 % AID, 9.7 % OOD (dropped). One run takes 176 s on two idle CPU cores
+Generated: 53.6 % ID, 36.8 % AID, 9.7 % OOD (dropped). One run takes 133 s on two idle CPU cores
 (median of 3, /usr/bin/time, torch 2.14.1).
 """
 import argparse
