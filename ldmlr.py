@@ -134,8 +134,9 @@ DEFAULTS = {
                         ckpt_every=5000, denoiser_width=1024),
     # Ours: budgets for 2 CPU cores; filling the Few classes up to n_max, the denoiser's 6000
     # steps and the final layer's 6000 epochs were chosen on the validation split (README, "How
-    # the digits defaults were chosen"). ~820 vectors make one Adam step per epoch, so 6000
-    # epochs give about the official run's 6000 steps (CIFAR-10-LT: 400 x ceil(14,886 / 1024)).
+    # the digits defaults were chosen"). 773 vectors (369 real, 404 pseudo) are one Adam step
+    # an epoch, so 6000 epochs are about the official run's 6000 steps (CIFAR-10-LT, real +
+    # pseudo: 400 x ceil(14,886 / 1024)).
     "digits": dict(imb=20, arch="resnet32", epochs=60, batch_size=64, lr=0.05, warmup_epochs=5,
                    weight_decay=5e-4, diffusion_steps=6000, diffusion_batch=256, ema_decay=0.999,
                    ckpt_every=1000, denoiser_width=128, denoiser_blocks=3, sample_steps=50,
