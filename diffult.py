@@ -148,7 +148,7 @@ DEFAULTS = {
     # were chosen").
     "digits": dict(imb=20, arch="resnet32", epochs=60, batch_size=64, lr=0.05, warmup_epochs=5,
                    weight_decay=5e-4, gen_size=8, unet_ch=16, unet_mult="1,2", unet_blocks=1,
-                   unet_attn="4", diffusion_steps=600, diffusion_batch=64, diffusion_lr=2e-3,
+                   unet_attn="4", diffusion_steps=600, diffusion_batch=128, diffusion_lr=2e-3,
                    diffusion_warmup=50, ema_decay=0.99, ckpt_every=200, sample_steps=25,
                    gen_batch=256, synthetic_weight=0.3),
 }
