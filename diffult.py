@@ -19,8 +19,8 @@ Class-Balancing Diffusion Model of Y. Qin et al., CVPR 2023 (CBDM), on the DDPM 
 
 Measured on digits, r = 20, test top-1 %, mean of seeds 0, 1, 2 (overall / Few), with
 DATASETS=digits RATIOS=20 SEEDS="0 1 2" bash run_all.sh (README):
-    CE 92.42 / 85.00   LA 93.00 / 88.12   DiffuLT 96.33 / 91.88   DiffuLT+LA 96.25 / 91.88
-Generated: 61.1 % ID, 33.5 % AID, 5.4 % OOD (dropped). One run takes 213 s on two idle CPU cores
+    CE 92.42 / 85.00   LA 93.00 / 88.12   DiffuLT 96.67 / 92.71   DiffuLT+LA 96.58 / 93.33
+Generated: 61.1 % ID, 33.5 % AID, 5.4 % OOD (dropped). One run takes 201 s on two idle CPU cores
 (median of 3, /usr/bin/time, torch 2.14.1).
 """
 import argparse
